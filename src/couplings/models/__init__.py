@@ -1,0 +1,33 @@
+"""Flow models, and the registry the training loop and CLI build them from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from couplings.models.base import Flow
+from couplings.models.nice import NICE, NICE_PRESETS, NICEConfig
+
+__all__ = ["MODELS", "NICE", "Flow", "ModelEntry", "NICEConfig"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one model by name.
+
+    Attributes:
+        cls: The model class; its constructor takes the config's fields as keywords.
+        config: The config dataclass (validated, stored in every checkpoint).
+        presets: Named sizes ("paper", "small", ...) as config overrides.
+        published: (test bits/dim on MNIST, source) of the paper's figure, if any.
+    """
+
+    cls: type[Flow]
+    config: type
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    published: tuple[float, str] | None = None
+
+
+MODELS: dict[str, ModelEntry] = {
+    "nice": ModelEntry(NICE, NICEConfig, NICE_PRESETS, (4.36, "NICE paper: 1980.50 nats")),
+}

@@ -1,0 +1,226 @@
+"""The training loop: maximum likelihood on dequantized images, checkpointed every epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from couplings import checkpoint, data
+from couplings.config import ConfigError, TrainConfig, apply_overrides
+from couplings.evaluate import bits_per_dim, dequantize
+from couplings.hardware import describe, resolve_device
+from couplings.images import save_grid
+from couplings.models import MODELS
+
+__all__ = ["TrainingError", "load_split", "train"]
+
+# Options that may change when a run is resumed; the rest define the run and stay fixed.
+RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on (bad run directory, non-finite loss)."""
+
+
+def load_split(dataset: str, split: str, val_size: int, root=None):
+    """Images and labels of "train" (official train minus its last ``val_size``), "val" (those
+    last ``val_size``) or "test" (the official test set)."""
+    if split == "test":
+        return data.load(dataset, "test", root)
+    images, labels = data.load(dataset, "train", root)
+    if not 0 < val_size < len(images):
+        raise ConfigError(f"val_size must be between 1 and {len(images) - 1} for {dataset}, found {val_size}")
+    cut = len(images) - val_size
+    return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
+
+
+def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Shuffling and dequantization noise of an epoch depend on (seed, epoch) alone, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+
+
+def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict, train_config: TrainConfig) -> dict:
+    entry = MODELS[model_name]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TrainingError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    size = size or "paper"
+    if size not in entry.presets:
+        raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
+    model_config = apply_overrides(entry.config(), {**entry.presets[size], **model_overrides})
+    return {"model": model_name, "size": size, "model_config": asdict(model_config), "train": asdict(train_config)}
+
+
+def _resumed_run(out: Path, size: str | None, model_overrides: dict, train_overrides: dict) -> tuple[dict, dict]:
+    if not (out / "last.pt").is_file():
+        raise TrainingError(f"cannot resume: {out / 'last.pt'} does not exist")
+    state = checkpoint.load(out / "last.pt")
+    fixed = [k for k in train_overrides if k not in RESUMABLE_OPTIONS]
+    if size is not None or model_overrides or fixed:
+        changed = ([f"size"] if size is not None else []) + list(model_overrides) + fixed
+        raise ConfigError(
+            f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
+        )
+    run = {k: state[k] for k in ("model", "size", "model_config")}
+    train_config = apply_overrides(TrainConfig(**_tuples(state["train"])), train_overrides)
+    run["train"] = asdict(train_config)
+    return run, state
+
+
+def _tuples(d: dict) -> dict:
+    """JSON and checkpoints store tuples as lists; dataclass fields want tuples back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def train(
+    model_name: str,
+    out: str | os.PathLike,
+    *,
+    train_overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    size: str | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    data_root=None,
+    progress: bool = True,
+) -> Path:
+    """Trains ``model_name`` into run directory ``out`` and returns ``out``.
+
+    The run directory holds ``config.json``, ``last.pt`` and ``best.pt`` (model, optimizer,
+    epoch, step, RNG state; ``best.pt`` has the lowest validation bits/dim so far),
+    ``metrics.jsonl`` (a line per epoch) and ``samples/epoch_NNNN.png``.
+
+    Training stops after ``epochs`` epochs, or earlier at ``max_steps`` optimizer steps or
+    ``max_minutes`` of wall-clock; a stopped epoch is validated and checkpointed like a full one.
+    """
+    if model_name not in MODELS:
+        raise ConfigError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
+    out = Path(out)
+    train_overrides, model_overrides = dict(train_overrides or {}), dict(model_overrides or {})
+    if resume:
+        run, state = _resumed_run(out, size, model_overrides, train_overrides)
+    else:
+        run, state = _new_run(model_name, out, size, model_overrides, apply_overrides(TrainConfig(), train_overrides)), None
+    if run["model"] != model_name:
+        raise TrainingError(f"{out} holds a {run['model']!r} run, not {model_name!r}")
+    cfg = TrainConfig(**_tuples(run["train"]))
+    dev = resolve_device(device)
+
+    train_images, _ = load_split(cfg.dataset, "train", cfg.val_size, data_root)
+    val_images, _ = load_split(cfg.dataset, "val", cfg.val_size, data_root)
+    image_shape = (1, *train_images.shape[1:])
+    torch.manual_seed(cfg.seed)
+    model = checkpoint.build_model(model_name, run["model_config"])
+    if model.dim != math.prod(image_shape):
+        raise ConfigError(f"{model_name} models {model.dim} values per image, but {cfg.dataset} images have shape {image_shape}")
+    model.to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    epoch, step, elapsed, best = 0, 0, 0.0, math.inf
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        torch.set_rng_state(state["rng_state"])
+        epoch, step, elapsed, best = state["epoch"], state["step"], state["elapsed"], state["best_val_bpd"]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+    run["hardware"] = describe(dev)
+    (out / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    pixels = torch.as_tensor(train_images).unsqueeze(1).to(dev)  # (N, H, W) -> (N, 1, H, W)
+    n_batches = len(pixels) // cfg.batch_size  # drop the ragged last batch
+    if n_batches == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(pixels)} training images")
+    dim = math.prod(image_shape)
+    started = time.perf_counter() - elapsed  # wall-clock of the whole run, resumed parts included
+    budget_start = time.perf_counter()  # max_minutes counts this invocation only
+
+    def payload(partial: bool) -> dict:
+        return {
+            **{k: run[k] for k in ("model", "size", "model_config", "train", "hardware")},
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "elapsed": time.perf_counter() - started,
+            "best_val_bpd": best,
+            "partial_epoch": partial,
+            "rng_state": torch.get_rng_state(),
+        }
+
+    def out_of_budget() -> bool:
+        over_steps = cfg.max_steps is not None and step >= cfg.max_steps
+        over_time = cfg.max_minutes is not None and time.perf_counter() - budget_start >= 60 * cfg.max_minutes
+        return over_steps or over_time
+
+    while epoch < cfg.epochs and not out_of_budget():
+        epoch += 1
+        model.train()
+        generator = _epoch_generator(cfg.seed, epoch, dev)
+        order = torch.randperm(len(pixels), generator=generator, device=dev)
+        epoch_start, total_nll, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        try:
+            for i in bar:
+                x = dequantize(pixels[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]], generator)
+                loss = -model.log_prob(x).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss {loss.item()} at step {step + 1} (epoch {epoch}); "
+                        f"the last good state is in {out / 'last.pt'}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                total_nll, seen = total_nll + loss.item() * len(x), seen + len(x)
+                if i % 10 == 0:
+                    bar.set_postfix(bpd=f"{8 + total_nll / seen / (dim * math.log(2)):.3f}")
+                if out_of_budget():
+                    break
+        except KeyboardInterrupt:
+            epoch -= 1  # the interrupted epoch is run again on --resume
+            checkpoint.save(payload(partial=True), out / "last.pt")
+            raise
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - epoch_start
+        partial = seen < n_batches * cfg.batch_size
+        val_bpd = bits_per_dim(model, val_images, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        if not math.isfinite(val_bpd):
+            raise TrainingError(f"validation bits/dim is {val_bpd} after epoch {epoch}")
+        improved = val_bpd < best
+        best = min(best, val_bpd)
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "partial_epoch": partial,
+            "train_loss": total_nll / max(seen, 1),
+            "train_bpd": 8 + total_nll / max(seen, 1) / (dim * math.log(2)),
+            "val_bpd": val_bpd,
+            "seconds": seconds,
+            "elapsed": time.perf_counter() - started,
+            "images_per_s": seen / seconds if seconds > 0 else None,
+        }
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        model.eval()
+        save_grid(model.sample(cfg.samples_per_epoch), out / "samples" / f"epoch_{epoch:04d}.png")
+        state_now = payload(partial)
+        checkpoint.save(state_now, out / "last.pt")
+        if improved:
+            checkpoint.save(state_now, out / "best.pt")
+        if progress:
+            tqdm.write(
+                f"epoch {epoch}: train {record['train_bpd']:.4f} bpd, val {val_bpd:.4f} bpd"
+                f"{' (best)' if improved else ''}, {record['images_per_s']:.0f} images/s, {seconds:.1f} s"
+            )
+    return out
