@@ -23,8 +23,10 @@ from couplings.images import save_grid
 from couplings.models import MODELS
 from couplings.train import TrainingError, load_split, train
 
-# Errors that are the user's input or environment, reported as one line without a traceback.
-EXPECTED_ERRORS = (CheckpointError, ConfigError, DatasetError, NonFiniteLogProbError, TrainingError, OSError, ValueError)
+# Errors that are the user's input or environment, reported as one line without a traceback:
+# usage errors exit with 2, runtime errors with 1.
+USAGE_ERRORS = (ConfigError,)
+RUNTIME_ERRORS = (CheckpointError, DatasetError, NonFiniteLogProbError, TrainingError, OSError, ValueError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the last completed epoch is in last.pt (continue with --resume)", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as e:
+    except USAGE_ERRORS + RUNTIME_ERRORS as e:
         if args.debug:
             traceback.print_exc()
         message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, USAGE_ERRORS) else 1
 
 
 if __name__ == "__main__":

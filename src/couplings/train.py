@@ -63,15 +63,18 @@ def _resumed_run(out: Path, size: str | None, model_overrides: dict, train_overr
     if not (out / "last.pt").is_file():
         raise TrainingError(f"cannot resume: {out / 'last.pt'} does not exist")
     state = checkpoint.load(out / "last.pt")
-    fixed = [k for k in train_overrides if k not in RESUMABLE_OPTIONS]
-    if size is not None or model_overrides or fixed:
-        changed = ([f"size"] if size is not None else []) + list(model_overrides) + fixed
+    stored_train = TrainConfig(**_tuples(state["train"]))
+    changed = [k for k, v in model_overrides.items() if state["model_config"].get(k) != v]
+    changed += [k for k, v in train_overrides.items() if k not in RESUMABLE_OPTIONS and getattr(stored_train, k) != v]
+    if size is not None and size != state["size"]:
+        changed.insert(0, "size")
+    if changed:
         raise ConfigError(
             f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
         )
+    resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
     run = {k: state[k] for k in ("model", "size", "model_config")}
-    train_config = apply_overrides(TrainConfig(**_tuples(state["train"])), train_overrides)
-    run["train"] = asdict(train_config)
+    run["train"] = asdict(apply_overrides(stored_train, resumable))
     return run, state
 
 

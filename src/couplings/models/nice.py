@@ -63,7 +63,7 @@ class NICE(Flow):
         event_shape: tuple[int, ...] | None = None,
     ):
         super().__init__()
-        NICEConfig(dim, couplings, hidden_layers, hidden_units, prior)  # validates the arguments
+        self.config = NICEConfig(dim, couplings, hidden_layers, hidden_units, prior)  # validates them too
         if event_shape is None:
             event_shape = (1, 28, 28) if dim == 28 * 28 else (dim,)
         self.event_shape = tuple(event_shape)

@@ -1,0 +1,52 @@
+"""Shared fixtures: synthetic IDX datasets registered under a throwaway name."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from couplings import data
+
+_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encodes an array in the IDX format (big-endian payload)."""
+    code = _TYPE_CODES[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Bright squares on a dark background, the square's position set by the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 30, (n, size, size)).astype(np.uint8)
+    for img, label in zip(images, labels):
+        r, c = 2 + 2 * (label // 4), 2 + 2 * (label % 4)
+        img[r : r + size // 3, c : c + size // 3] = 200 + rng.integers(0, 56)
+    return images, labels
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, monkeypatch) -> Path:
+    """Registers dataset "tiny" (300 train / 100 test synthetic 28x28 images) and returns
+    the data root, also set as $COUPLINGS_DATA. Checksums are those of the bytes written."""
+    root = tmp_path / "data"
+    (root / "tiny").mkdir(parents=True)
+    md5 = {}
+    for split, n, seed in (("train", 300, 0), ("test", 100, 1)):
+        images, labels = synthetic_images(n, seed)
+        image_file, label_file = data.SPLIT_FILES[split]
+        for name, array in ((image_file, images), (label_file, labels)):
+            raw = idx_bytes(array)
+            md5[name] = hashlib.md5(raw).hexdigest()
+            (root / "tiny" / f"{name}.gz").write_bytes(gzip.compress(raw))
+    monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec(name="tiny", md5=md5))
+    monkeypatch.setenv("COUPLINGS_DATA", str(root))
+    return root

@@ -1,0 +1,98 @@
+"""Checkpoints: atomic writes, safe loading, and clear errors for anything that is not ours."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from couplings import checkpoint
+from couplings.checkpoint import CheckpointError
+from couplings.models import NICE
+
+
+def _payload(**extra):
+    model = NICE(dim=4, couplings=2, hidden_layers=1, hidden_units=4)
+    return {"model": "nice", "model_config": asdict(model.config), "model_state": model.state_dict(), **extra}
+
+
+def test_round_trip_and_no_temporary_files(tmp_path):
+    checkpoint.save(_payload(epoch=3), tmp_path / "last.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    model, state = checkpoint.load_model(tmp_path)  # a run directory resolves to its checkpoint
+    assert state["epoch"] == 3 and state["format_version"] == checkpoint.FORMAT_VERSION
+    assert not model.training
+
+
+def test_resolve_prefers_best(tmp_path):
+    checkpoint.save(_payload(), tmp_path / "last.pt")
+    checkpoint.save(_payload(), tmp_path / "best.pt")
+    assert checkpoint.resolve(tmp_path).name == "best.pt"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (os.urandom(1000), "not a readable couplings checkpoint"),
+        (b"", "not a readable couplings checkpoint"),
+    ],
+)
+def test_garbage_is_refused(tmp_path, content, message):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(tmp_path / "x.pt")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    checkpoint.save(_payload(), tmp_path / "x.pt")
+    blob = (tmp_path / "x.pt").read_bytes()
+    (tmp_path / "x.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="not a readable couplings checkpoint"):
+        checkpoint.load(tmp_path / "x.pt")
+
+
+def test_newer_format_missing_keys_and_unknown_model(tmp_path):
+    torch.save({**_payload(), "format_version": 99}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="format version 99 is newer"):
+        checkpoint.load(tmp_path / "new.pt")
+    torch.save({"format_version": 1, "model": "nice"}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \['model_config', 'model_state'\]"):
+        checkpoint.load(tmp_path / "partial.pt")
+    torch.save({**_payload(), "format_version": 1, "model": "maf"}, tmp_path / "maf.pt")
+    with pytest.raises(CheckpointError, match="unknown model 'maf'"):
+        checkpoint.load(tmp_path / "maf.pt")
+
+
+def test_weights_of_another_shape_are_refused(tmp_path):
+    payload = _payload()
+    payload["model_config"]["hidden_units"] = 8
+    checkpoint.save(payload, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit model 'nice'"):
+        checkpoint.load_model(tmp_path / "x.pt")
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format_version": 1, "model": "nice", "payload": _Exploit(marker)}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="not a readable couplings checkpoint"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
+        checkpoint.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="without best.pt or last.pt"):
+        checkpoint.load(tmp_path)

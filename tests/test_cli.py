@@ -1,0 +1,133 @@
+"""The command line end to end on a synthetic dataset: train, resume, eval, sample, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from couplings import checkpoint
+from couplings.cli import main
+
+TINY = ["--dataset", "tiny", "--set", "size=small", "--set", "hidden_units=32", "--set", "val_size=50",
+        "--set", "samples_per_epoch=4", "--batch-size", "50", "--device", "cpu", "--quiet"]
+
+
+def _train(out, *extra):
+    return main(["train", "nice", "--out", str(out), *TINY, *extra])
+
+
+@pytest.fixture
+def run_dir(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--max-steps", "3") == 0
+    return out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error message"
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_train_writes_a_complete_run_directory(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "last.pt", "best.pt", "metrics.jsonl", "samples"} <= names
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "nice" and config["size"] == "small"
+    assert config["model_config"]["hidden_units"] == 32 and config["model_config"]["hidden_layers"] == 4
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["step"] == 3 and lines[0]["partial_epoch"]
+    for key in ("train_loss", "val_bpd", "seconds", "images_per_s"):
+        assert lines[0][key] > 0
+    assert (run_dir / "samples" / "epoch_0001.png").stat().st_size > 0
+    state = checkpoint.load(run_dir / "last.pt")
+    assert state["step"] == 3 and "optimizer_state" in state and "rng_state" in state
+
+
+def test_eval_and_sample_on_the_trained_run(run_dir, tmp_path, capsys):
+    assert main(["eval", str(run_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/dim" in out and "nats" in out
+    result = json.loads((run_dir / "eval.json").read_text())["test"]
+    assert result["num_images"] == 100 and result["dimensions"] == 784
+    assert result["bits_per_dim"] == pytest.approx(8 - result["log_likelihood_nats"] / (784 * 0.6931471805599453))
+    assert main(["eval", str(run_dir / "last.pt"), "--split", "val", "--device", "cpu"]) == 0
+    assert set(json.loads((run_dir / "eval.json").read_text())) == {"test", "val"}
+
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(run_dir), "-n", "6", "--temperature", "0.7", "-o", str(png), "--device", "cpu"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_dataset, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, "--epochs", "2") == 0
+    assert _train(split, "--epochs", "1") == 0
+    assert _train(split, "--epochs", "2", "--resume") == 0
+    a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 10
+    for key in a["model_state"]:
+        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], atol=0, rtol=0)
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_existing_run_is_not_overwritten_without_resume(run_dir, capsys):
+    before = (run_dir / "last.pt").read_bytes()
+    assert _train(run_dir, "--max-steps", "2") == 1
+    assert "already exists" in _error_line(capsys)
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_resume_refuses_to_change_the_model(run_dir, capsys):
+    assert main(["train", "nice", "--out", str(run_dir), "--resume", "--set", "hidden_units=64", "--quiet"]) == 2
+    assert "cannot change hidden_units when resuming" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["train", "maf"], 2, "invalid choice: 'maf'"),
+        (["train", "nice", "--set", "hidden_unit=3"], 2, "unknown key 'hidden_unit'"),
+        (["train", "nice", "--set", "hidden_units=x"], 2, "expected an integer"),
+        (["train", "nice", "--set", "size=huge", "--dataset", "tiny"], 2, "size must be one of"),
+        (["train", "nice", "--epochs", "0"], 2, "expected an integer >= 1"),
+        (["sample", "RUN", "-o", "x.png", "--temperature", "0"], 2, "expected a number > 0"),
+        (["sample", "RUN", "-o", "x.png", "-n", "0"], 2, "expected an integer >= 1"),
+        (["eval", "does/not/exist"], 1, "no such checkpoint or run directory"),
+        (["train", "nice", "--resume"], 2, "--resume needs --out"),
+    ],
+)
+def test_bad_input_gives_one_error_line(tiny_dataset, tmp_path, monkeypatch, capsys, argv, code, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        raise SystemExit(main(argv))
+    assert info.value.code == code
+    assert message in _error_line(capsys)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_corrupt_checkpoint_writes_nothing(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    png = tmp_path / "out.png"
+    assert main(["sample", str(tmp_path / "bad.pt"), "-o", str(png)]) == 1
+    assert "not a readable couplings checkpoint" in _error_line(capsys)
+    assert main(["eval", str(tmp_path / "bad.pt")]) == 1
+    assert not png.exists() and not (tmp_path / "eval.json").exists()
+
+
+def test_sample_refuses_missing_output_directory(run_dir, tmp_path, capsys):
+    assert main(["sample", str(run_dir), "-o", str(tmp_path / "no" / "such" / "dir.png")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    done = subprocess.run([sys.executable, "-m", "couplings.cli", "eval", str(tmp_path / "bad.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1

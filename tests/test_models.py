@@ -1,0 +1,144 @@
+"""Models: the pixel-space contract, NICE's paper configuration, and known-answer densities."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from couplings import checkpoint
+from couplings.evaluate import NonFiniteLogProbError, bits_per_dim
+from couplings.models import NICE
+
+
+def small_models():
+    """One small instance of every model, for the shared contract tests."""
+    return {
+        "nice-logistic": NICE(dim=784, couplings=4, hidden_layers=2, hidden_units=16),
+        "nice-gaussian": NICE(dim=784, couplings=3, hidden_layers=1, hidden_units=8, prior="gaussian"),
+    }
+
+
+@pytest.fixture(params=sorted(small_models()))
+def model(request):
+    torch.manual_seed(0)
+    m = small_models()[request.param]
+    with torch.no_grad():  # leave the identity-like init so that every part matters
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def test_nice_paper_parameter_count():
+    assert sum(p.numel() for p in NICE().parameters()) == 19_158_352
+
+
+def test_contract_shapes_and_log_prob_identity(model):
+    x = torch.rand(5, 1, 28, 28)
+    z, ld = model.transform(x)
+    assert z.shape == (5, 784) and ld.shape == (5,)
+    lp = model.log_prob(x)
+    assert lp.shape == (5,)
+    torch.testing.assert_close(lp, model.prior.log_prob(z).sum(-1) + ld)
+    torch.testing.assert_close(model.log_prob(x.reshape(5, 784)), lp)  # NICE also takes flat inputs
+    torch.testing.assert_close(model.inverse(z), x, atol=1e-5, rtol=0)
+    assert model.sample(3).shape == (3, 1, 28, 28)
+
+
+def test_every_parameter_gets_a_gradient(model):
+    model.log_prob(torch.rand(4, 1, 28, 28)).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_float64_including_sampling(model):
+    model = model.double()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    assert model.log_prob(x).dtype == torch.float64
+    samples = model.sample(4, temperature=0.5)
+    assert samples.dtype == torch.float64 and torch.isfinite(samples).all()
+    z, _ = model.transform(x)
+    torch.testing.assert_close(model.inverse(z), x, atol=1e-12, rtol=0)
+
+
+def test_temperature_scales_the_prior(model):
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    z_cold = model.prior.sample(5, 0.5, g())
+    z_hot = model.prior.sample(5, 1.0, g())
+    torch.testing.assert_close(z_cold, 0.5 * z_hot)
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(2, temperature=0.0)
+
+
+def test_save_load_gives_equal_outputs(model, tmp_path):
+    payload = {"model": "nice", "model_config": asdict(model.config), "model_state": model.state_dict()}
+    checkpoint.save(payload, tmp_path / "m.pt")
+    loaded, _ = checkpoint.load_model(tmp_path / "m.pt")
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(loaded.log_prob(x), model.eval().log_prob(x), atol=0, rtol=0)
+
+
+def test_wrong_input_shape_is_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 1, 28, 28\) or \(B, 784\), found \(2, 1, 27, 27\)"):
+        model.log_prob(torch.rand(2, 1, 27, 27))
+
+
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_nice_density_integrates_to_one_in_2d(prior):
+    torch.manual_seed(0)
+    model = NICE(dim=2, couplings=4, hidden_layers=2, hidden_units=8, prior=prior).double()
+    with torch.no_grad():
+        model.flow.transforms[-1].log_scale.copy_(torch.tensor([0.3, -0.2]))
+    side = torch.linspace(-40, 40, 1601, dtype=torch.float64)
+    grid = torch.cartesian_prod(side, side)
+    with torch.no_grad():
+        density = model.log_prob(grid).exp()
+    cell = (side[1] - side[0]) ** 2
+    assert abs(float(density.sum() * cell) - 1.0) < 2e-3
+
+
+class _Constant:
+    """A density that is constant on [0, 1]^D: log p = c for every image."""
+
+    def __init__(self, c: float):
+        self.c = c
+
+    def log_prob(self, x):
+        return torch.full((x.shape[0],), self.c)
+
+
+def test_bits_per_dim_of_uniform_density_is_exactly_8():
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    assert bits_per_dim(_Constant(0.0), images, batch_size=7) == 8.0
+    assert bits_per_dim(_Constant(0.0), images.unsqueeze(1).numpy()) == 8.0
+
+
+def test_bits_per_dim_formula_and_dimension_from_the_images():
+    images = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)  # D = 16
+    c = 16 * math.log(2)  # one bit per dimension better than uniform
+    assert bits_per_dim(_Constant(c), images) == pytest.approx(7.0, abs=1e-6)
+
+
+def test_bits_per_dim_refuses_non_finite_log_probs():
+    class Broken:
+        def log_prob(self, x):
+            out = torch.zeros(x.shape[0])
+            out[::4] = float("nan")
+            return out
+
+    with pytest.raises(NonFiniteLogProbError, match="3 of 10 images"):
+        bits_per_dim(Broken(), torch.zeros(10, 28, 28, dtype=torch.uint8))
+
+
+def test_bits_per_dim_of_nice_is_deterministic_and_sane():
+    torch.manual_seed(0)
+    model = NICE(hidden_layers=1, hidden_units=8)
+    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    a = bits_per_dim(model, images, seed=1)
+    assert a == bits_per_dim(model, images, seed=1)
+    assert a != bits_per_dim(model, images, seed=2)
+    # An untrained NICE with a logistic prior on [0, 1] data is worse than uniform.
+    assert 8.0 < a < 12.0
