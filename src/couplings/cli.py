@@ -97,7 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    size, model_overrides, train_overrides = split_overrides(args.overrides, MODELS[args.model].config)
+    entry = MODELS[args.model]
+    size, model_overrides, train_overrides = split_overrides(args.overrides, entry.config, entry.train_config)
     flags = {"dataset": args.dataset, "epochs": args.epochs, "max_steps": args.max_steps,
              "max_minutes": args.max_minutes, "batch_size": args.batch_size, "seed": args.seed}
     train_overrides.update({k: v for k, v in flags.items() if v is not None})

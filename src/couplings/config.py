@@ -10,7 +10,7 @@ from typing import Any
 
 from couplings.data import DATASETS
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "parse_value", "split_overrides"]
+__all__ = ["ConfigError", "LatentTrainConfig", "TrainConfig", "apply_overrides", "parse_value", "split_overrides"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,29 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), found {self.betas}")
 
 
+@dataclass
+class LatentTrainConfig(TrainConfig):
+    """Two-stage training of `LatentRealNVP`, as the seed project ran it.
+
+    Stage 1 trains the autoencoder for ``ae_epochs`` (Adam ``ae_lr``, weight decay 1e-5);
+    stage 2 trains the flow on the frozen embeddings for ``epochs`` (Adam ``lr``).
+    """
+
+    epochs: int = 25
+    batch_size: int = 100
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-5
+    ae_epochs: int = 10
+    ae_lr: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ae_epochs < 1 or not self.ae_lr > 0:
+            raise ConfigError(f"need ae_epochs >= 1 and ae_lr > 0, found {self.ae_epochs} and {self.ae_lr}")
+
+
 def _parse_typed(text: str, kind: Any, key: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
@@ -92,7 +115,7 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     return _parse_typed(text, hints[key], key)
 
 
-def split_overrides(pairs: list[str], model_config: type) -> tuple[str | None, dict, dict]:
+def split_overrides(pairs: list[str], model_config: type, train_config: type = TrainConfig) -> tuple[str | None, dict, dict]:
     """Sorts ``key=value`` strings into (size preset, model fields, training fields).
 
     Raises:
@@ -100,7 +123,7 @@ def split_overrides(pairs: list[str], model_config: type) -> tuple[str | None, d
             constructor argument, a training option, nor ``size``.
     """
     model_keys = {f.name for f in fields(model_config)}
-    train_keys = {f.name for f in fields(TrainConfig)}
+    train_keys = {f.name for f in fields(train_config)}
     size, model, train = None, {}, {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -112,7 +135,7 @@ def split_overrides(pairs: list[str], model_config: type) -> tuple[str | None, d
         elif key in model_keys:
             model[key] = parse_value(model_config, key, text.strip())
         elif key in train_keys:
-            train[key] = parse_value(TrainConfig, key, text.strip())
+            train[key] = parse_value(train_config, key, text.strip())
         else:
             known = ", ".join(sorted(model_keys | train_keys | {"size"}))
             raise ConfigError(f"unknown key {key!r} in --set {pair}; known keys: {known}")

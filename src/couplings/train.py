@@ -17,17 +17,14 @@ from couplings import checkpoint, data
 from couplings.config import ConfigError, TrainConfig, apply_overrides
 from couplings.evaluate import bits_per_dim, dequantize
 from couplings.hardware import describe, resolve_device
-from couplings.images import save_grid
 from couplings.models import MODELS
+from couplings.session import Session, TrainingError
+from couplings.train_latent import fit_latent
 
-__all__ = ["TrainingError", "load_split", "train"]
+__all__ = ["TrainingError", "fit_flow", "load_split", "train"]
 
 # Options that may change when a run is resumed; the rest define the run and stay fixed.
 RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or cannot go on (bad run directory, non-finite loss)."""
 
 
 def load_split(dataset: str, split: str, val_size: int, root=None):
@@ -42,14 +39,9 @@ def load_split(dataset: str, split: str, val_size: int, root=None):
     return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
 
 
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Shuffling and dequantization noise of an epoch depend on (seed, epoch) alone, so a
-    resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
-
-
-def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict, train_config: TrainConfig) -> dict:
+def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict, train_overrides: dict) -> dict:
     entry = MODELS[model_name]
+    train_config = apply_overrides(entry.train_config(), train_overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainingError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
     size = size or "paper"
@@ -63,7 +55,7 @@ def _resumed_run(out: Path, size: str | None, model_overrides: dict, train_overr
     if not (out / "last.pt").is_file():
         raise TrainingError(f"cannot resume: {out / 'last.pt'} does not exist")
     state = checkpoint.load(out / "last.pt")
-    stored_train = TrainConfig(**_tuples(state["train"]))
+    stored_train = MODELS[state["model"]].train_config(**_tuples(state["train"]))
     changed = [k for k, v in model_overrides.items() if state["model_config"].get(k) != v]
     changed += [k for k, v in train_overrides.items() if k not in RESUMABLE_OPTIONS and getattr(stored_train, k) != v]
     if size is not None and size != state["size"]:
@@ -72,7 +64,8 @@ def _resumed_run(out: Path, size: str | None, model_overrides: dict, train_overr
         raise ConfigError(
             f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
         )
-    resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
+    # A time budget belongs to one invocation: a resumed run has none unless given again.
+    resumable = {"max_minutes": None, **{k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}}
     run = {k: state[k] for k in ("model", "size", "model_config")}
     run["train"] = asdict(apply_overrides(stored_train, resumable))
     return run, state
@@ -98,7 +91,7 @@ def train(
     """Trains ``model_name`` into run directory ``out`` and returns ``out``.
 
     The run directory holds ``config.json``, ``last.pt`` and ``best.pt`` (model, optimizer,
-    epoch, step, RNG state; ``best.pt`` has the lowest validation bits/dim so far),
+    epoch, step, RNG state; ``best.pt`` has the best validation score so far),
     ``metrics.jsonl`` (a line per epoch) and ``samples/epoch_NNNN.png``.
 
     Training stops after ``epochs`` epochs, or earlier at ``max_steps`` optimizer steps or
@@ -111,69 +104,55 @@ def train(
     if resume:
         run, state = _resumed_run(out, size, model_overrides, train_overrides)
     else:
-        run, state = _new_run(model_name, out, size, model_overrides, apply_overrides(TrainConfig(), train_overrides)), None
+        run, state = _new_run(model_name, out, size, model_overrides, train_overrides), None
     if run["model"] != model_name:
         raise TrainingError(f"{out} holds a {run['model']!r} run, not {model_name!r}")
-    cfg = TrainConfig(**_tuples(run["train"]))
+    cfg = MODELS[model_name].train_config(**_tuples(run["train"]))
     dev = resolve_device(device)
 
-    train_images, _ = load_split(cfg.dataset, "train", cfg.val_size, data_root)
-    val_images, _ = load_split(cfg.dataset, "val", cfg.val_size, data_root)
-    image_shape = (1, *train_images.shape[1:])
+    train_data = load_split(cfg.dataset, "train", cfg.val_size, data_root)
+    val_data = load_split(cfg.dataset, "val", cfg.val_size, data_root)
+    image_shape = (1, *train_data[0].shape[1:])
     torch.manual_seed(cfg.seed)
     model = checkpoint.build_model(model_name, run["model_config"])
-    if model.dim != math.prod(image_shape):
-        raise ConfigError(f"{model_name} models {model.dim} values per image, but {cfg.dataset} images have shape {image_shape}")
+    if math.prod(model.event_shape) != math.prod(image_shape):
+        raise ConfigError(f"{model_name} models images of shape {model.event_shape}, but {cfg.dataset} images have shape {image_shape}")
     model.to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    epoch, step, elapsed, best = 0, 0, 0.0, math.inf
     if state is not None:
         model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
         torch.set_rng_state(state["rng_state"])
-        epoch, step, elapsed, best = state["epoch"], state["step"], state["elapsed"], state["best_val_bpd"]
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
     run["hardware"] = describe(dev)
     (out / "config.json").write_text(json.dumps(run, indent=2) + "\n")
+    session = Session(out, run, cfg, model, dev, state, train_data, val_data, progress)
+    session.started -= state["elapsed"] if state is not None else 0.0
+    fit = TRAINERS.get(model_name, fit_flow)
+    fit(session)
+    return out
 
-    pixels = torch.as_tensor(train_images).unsqueeze(1).to(dev)  # (N, H, W) -> (N, 1, H, W)
-    n_batches = len(pixels) // cfg.batch_size  # drop the ragged last batch
-    if n_batches == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(pixels)} training images")
-    dim = math.prod(image_shape)
-    started = time.perf_counter() - elapsed  # wall-clock of the whole run, resumed parts included
-    budget_start = time.perf_counter()  # max_minutes counts this invocation only
 
-    def payload(partial: bool) -> dict:
-        return {
-            **{k: run[k] for k in ("model", "size", "model_config", "train", "hardware")},
-            "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "elapsed": time.perf_counter() - started,
-            "best_val_bpd": best,
-            "partial_epoch": partial,
-            "rng_state": torch.get_rng_state(),
-        }
+def fit_flow(session: Session) -> None:
+    """Maximum likelihood on dequantized pixels, validated in bits/dim after every epoch."""
+    model, cfg, dev, out = session.model, session.cfg, session.device, session.out
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    epoch, step, best = 0, 0, math.inf
+    if session.state is not None:
+        optimizer.load_state_dict(session.state["optimizer_state"])
+        epoch, step, best = session.state["epoch"], session.state["step"], session.state["best_val_bpd"]
+    pixels = torch.as_tensor(session.train_data[0]).unsqueeze(1).to(dev)  # (N, H, W) -> (N, 1, H, W)
+    dim = math.prod(pixels.shape[1:])
 
-    def out_of_budget() -> bool:
-        over_steps = cfg.max_steps is not None and step >= cfg.max_steps
-        over_time = cfg.max_minutes is not None and time.perf_counter() - budget_start >= 60 * cfg.max_minutes
-        return over_steps or over_time
-
-    while epoch < cfg.epochs and not out_of_budget():
+    while epoch < cfg.epochs and not session.out_of_budget(step):
         epoch += 1
         model.train()
-        generator = _epoch_generator(cfg.seed, epoch, dev)
-        order = torch.randperm(len(pixels), generator=generator, device=dev)
+        batches, generator = session.batches(len(pixels), epoch)
         epoch_start, total_nll, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not session.progress, leave=False)
         try:
-            for i in bar:
-                x = dequantize(pixels[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]], generator)
+            for i, idx in enumerate(bar):
+                x = dequantize(pixels[idx], generator)
                 loss = -model.log_prob(x).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -187,22 +166,16 @@ def train(
                 total_nll, seen = total_nll + loss.item() * len(x), seen + len(x)
                 if i % 10 == 0:
                     bar.set_postfix(bpd=f"{8 + total_nll / seen / (dim * math.log(2)):.3f}")
-                if out_of_budget():
+                if session.out_of_budget(step):
                     break
-        except KeyboardInterrupt:
-            epoch -= 1  # the interrupted epoch is run again on --resume
-            checkpoint.save(payload(partial=True), out / "last.pt")
-            raise
         finally:
             bar.close()
         seconds = time.perf_counter() - epoch_start
-        partial = seen < n_batches * cfg.batch_size
-        val_bpd = bits_per_dim(model, val_images, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-        if not math.isfinite(val_bpd):
-            raise TrainingError(f"validation bits/dim is {val_bpd} after epoch {epoch}")
+        partial = seen < len(batches) * cfg.batch_size
+        val_bpd = bits_per_dim(model, session.val_data[0], batch_size=cfg.eval_batch_size, seed=cfg.seed)
         improved = val_bpd < best
         best = min(best, val_bpd)
-        record = {
+        session.log({
             "epoch": epoch,
             "step": step,
             "partial_epoch": partial,
@@ -210,20 +183,21 @@ def train(
             "train_bpd": 8 + total_nll / max(seen, 1) / (dim * math.log(2)),
             "val_bpd": val_bpd,
             "seconds": seconds,
-            "elapsed": time.perf_counter() - started,
             "images_per_s": seen / seconds if seconds > 0 else None,
-        }
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        })
         model.eval()
-        save_grid(model.sample(cfg.samples_per_epoch), out / "samples" / f"epoch_{epoch:04d}.png")
-        state_now = payload(partial)
-        checkpoint.save(state_now, out / "last.pt")
-        if improved:
-            checkpoint.save(state_now, out / "best.pt")
-        if progress:
-            tqdm.write(
-                f"epoch {epoch}: train {record['train_bpd']:.4f} bpd, val {val_bpd:.4f} bpd"
-                f"{' (best)' if improved else ''}, {record['images_per_s']:.0f} images/s, {seconds:.1f} s"
-            )
-    return out
+        session.save_samples(model.sample(cfg.samples_per_epoch), epoch)
+        session.save(_flow_fields(optimizer, epoch, step, best, partial), improved)
+        session.report(
+            f"epoch {epoch}: train {8 + total_nll / max(seen, 1) / (dim * math.log(2)):.4f} bpd, "
+            f"val {val_bpd:.4f} bpd{' (best)' if improved else ''}, {seen / seconds:.0f} images/s, {seconds:.1f} s"
+        )
+
+
+def _flow_fields(optimizer, epoch: int, step: int, best: float, partial: bool) -> dict:
+    return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "step": step,
+            "best_val_bpd": best, "partial_epoch": partial}
+
+
+# Models whose training is not plain maximum likelihood on pixels.
+TRAINERS = {"latent-realnvp": fit_latent}

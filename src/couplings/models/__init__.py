@@ -5,10 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from couplings.config import LatentTrainConfig, TrainConfig
 from couplings.models.base import Flow
+from couplings.models.latent_realnvp import ConvAutoencoder, LatentRealNVP, LatentRealNVPConfig
 from couplings.models.nice import NICE, NICE_PRESETS, NICEConfig
 
-__all__ = ["MODELS", "NICE", "Flow", "ModelEntry", "NICEConfig"]
+__all__ = [
+    "MODELS",
+    "NICE",
+    "ConvAutoencoder",
+    "Flow",
+    "LatentRealNVP",
+    "LatentRealNVPConfig",
+    "ModelEntry",
+    "NICEConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -20,14 +31,22 @@ class ModelEntry:
         config: The config dataclass (validated, stored in every checkpoint).
         presets: Named sizes ("paper", "small", ...) as config overrides.
         published: (test bits/dim on MNIST, source) of the paper's figure, if any.
+        train_config: The training options dataclass, with this model's recipe as defaults.
     """
 
-    cls: type[Flow]
+    cls: type
     config: type
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     published: tuple[float, str] | None = None
+    train_config: type = TrainConfig
 
 
 MODELS: dict[str, ModelEntry] = {
     "nice": ModelEntry(NICE, NICEConfig, NICE_PRESETS, (4.36, "NICE paper: 1980.50 nats")),
+    "latent-realnvp": ModelEntry(
+        LatentRealNVP,
+        LatentRealNVPConfig,
+        {"paper": {}, "small": {"couplings": 4, "hidden_units": 64}},
+        train_config=LatentTrainConfig,
+    ),
 }

@@ -1,0 +1,87 @@
+"""State shared by every training loop: budgets, batches, logging and checkpoints of one run."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from couplings import checkpoint
+from couplings.config import ConfigError, TrainConfig
+from couplings.images import save_grid
+
+__all__ = ["Session", "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on (bad run directory, non-finite loss)."""
+
+
+def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Shuffling and dequantization noise of an epoch depend on (seed, epoch) alone, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+
+
+@dataclass
+class Session:
+    """What one training invocation shares between the common set-up and a model's loop."""
+
+    out: Path
+    run: dict
+    cfg: TrainConfig
+    model: nn.Module
+    device: torch.device
+    state: dict | None  # the checkpoint resumed from, if any
+    train_data: tuple[np.ndarray, np.ndarray]
+    val_data: tuple[np.ndarray, np.ndarray]
+    progress: bool
+    started: float = field(default_factory=time.perf_counter)  # perf_counter() at elapsed = 0
+    budget_start: float = field(default_factory=time.perf_counter)  # max_minutes counts this invocation
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def out_of_budget(self, step: int) -> bool:
+        over_steps = self.cfg.max_steps is not None and step >= self.cfg.max_steps
+        over_time = self.cfg.max_minutes is not None and time.perf_counter() - self.budget_start >= 60 * self.cfg.max_minutes
+        return over_steps or over_time
+
+    def batches(self, n: int, epoch: int):
+        """Index tensors of full batches of a per-(seed, epoch) permutation, and its generator."""
+        generator = _epoch_generator(self.cfg.seed, epoch, self.device)
+        order = torch.randperm(n, generator=generator, device=self.device)
+        count = n // self.cfg.batch_size  # the ragged last batch is dropped
+        if count == 0:
+            raise ConfigError(f"batch_size {self.cfg.batch_size} is larger than the {n} training examples")
+        return [order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size] for i in range(count)], generator
+
+    def log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({**record, "elapsed": self.elapsed()}) + "\n")
+
+    def save(self, fields: dict, improved: bool) -> None:
+        """Writes last.pt (and best.pt when ``improved``) from the run, the model and ``fields``."""
+        payload = {
+            **{k: self.run[k] for k in ("model", "size", "model_config", "train", "hardware")},
+            "model_state": self.model.state_dict(),
+            "rng_state": torch.get_rng_state(),
+            "elapsed": self.elapsed(),
+            **fields,
+        }
+        checkpoint.save(payload, self.out / "last.pt")
+        if improved:
+            checkpoint.save(payload, self.out / "best.pt")
+
+    def save_samples(self, images: torch.Tensor, epoch: int, nrow: int = 8) -> None:
+        save_grid(images, self.out / "samples" / f"epoch_{epoch:04d}.png", nrow=nrow)
+
+    def report(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text)

@@ -1,0 +1,129 @@
+"""Two-stage training of `LatentRealNVP`: the autoencoder, then the flow on frozen embeddings."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from couplings.models import LatentRealNVP
+from couplings.session import Session, TrainingError
+
+__all__ = ["fit_latent"]
+
+
+def _to_unit(pixels) -> Tensor:
+    return torch.as_tensor(pixels).unsqueeze(1).float() / 255  # (N, H, W) uint8 -> (N, 1, H, W) in [0, 1]
+
+
+@torch.no_grad()
+def _encode(model: LatentRealNVP, images: Tensor, batch: int = 1000) -> Tensor:
+    model.autoencoder.eval()
+    return torch.cat([model.autoencoder.encode(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def _mean_over(fn, n: int, batch: int = 1000) -> float:
+    """Mean of a per-batch mean ``fn(start, stop)`` over n items, weighted by batch size."""
+    return sum(float(fn(i, min(i + batch, n))) * (min(i + batch, n) - i) for i in range(0, n, batch)) / n
+
+
+def _run_epoch(session: Session, optimizer, batches, loss_fn, desc: str, step: int) -> tuple[float, int, int]:
+    """One pass of ``loss_fn(idx)`` over ``batches``; returns (mean loss, items seen, new step)."""
+    total, seen = 0.0, 0
+    bar = tqdm(batches, desc=desc, disable=not session.progress, leave=False)
+    try:
+        for i, idx in enumerate(bar):
+            loss = loss_fn(idx)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss {loss.item()} at step {step + 1} ({desc})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{total / seen:.3f}")
+            if session.out_of_budget(step):
+                break
+    finally:
+        bar.close()
+    return total / max(seen, 1), seen, step
+
+
+def fit_latent(session: Session) -> None:
+    """Stage 1: the autoencoder for ``ae_epochs`` (binary cross-entropy, Adam ``ae_lr``).
+    Stage 2: the flow on the frozen encoder's embeddings for ``epochs`` (negative log-likelihood
+    of the embedding given its label, Adam ``lr``); ``best.pt`` has the lowest validation NLL.
+    Both stages checkpoint every epoch and resume where they stopped."""
+    model: LatentRealNVP = session.model
+    cfg, dev, state = session.cfg, session.device, session.state or {}
+    conditional = model.config.conditional
+    stage, ae_epoch = state.get("stage", "autoencoder"), state.get("ae_epoch", 0)
+    epoch, step, best = state.get("epoch", 0), state.get("step", 0), state.get("best_val_nll", math.inf)
+    images, val_images = _to_unit(session.train_data[0]).to(dev), _to_unit(session.val_data[0]).to(dev)
+    labels = torch.as_tensor(session.train_data[1]).long().to(dev)
+    val_labels = torch.as_tensor(session.val_data[1]).long().to(dev)
+
+    ae = model.autoencoder
+    ae_optimizer = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay)
+    if stage == "autoencoder" and "optimizer_state" in state:
+        ae_optimizer.load_state_dict(state["optimizer_state"])
+    while stage == "autoencoder" and ae_epoch < cfg.ae_epochs and not session.out_of_budget(step):
+        ae_epoch += 1
+        ae.train()
+        batches, _ = session.batches(len(images), ae_epoch)
+        started = time.perf_counter()
+        train_bce, seen, step = _run_epoch(session, ae_optimizer, batches,
+                                           lambda idx: ae.loss(images[idx]), f"autoencoder {ae_epoch}/{cfg.ae_epochs}", step)
+        seconds = time.perf_counter() - started
+        ae.eval()
+        val_bce = _mean_over(lambda a, b: ae.loss(val_images[a:b]), len(val_images))
+        session.log({"stage": "autoencoder", "epoch": ae_epoch, "step": step, "train_bce": train_bce,
+                     "val_bce": val_bce, "seconds": seconds, "images_per_s": seen / seconds})
+        with torch.no_grad():
+            originals = val_images[:32]
+            pairs = torch.stack([originals, ae.decode(ae.encode(originals))], 1).flatten(0, 1)
+        session.save_samples(pairs, ae_epoch, nrow=8)
+        stage = "flow" if ae_epoch >= cfg.ae_epochs else "autoencoder"
+        session.save({"stage": stage, "ae_epoch": ae_epoch, "epoch": 0, "step": step, "best_val_nll": best,
+                      "optimizer_state": ae_optimizer.state_dict()}, improved=False)
+        session.report(f"autoencoder epoch {ae_epoch}: train BCE {train_bce:.2f}, val BCE {val_bce:.2f}, {seconds:.1f} s")
+    if stage == "autoencoder":
+        return  # out of budget before the flow stage
+
+    ae.requires_grad_(False)
+    embeddings, val_embeddings = _encode(model, images), _encode(model, val_images)
+    flow_params = [p for name, p in model.named_parameters() if not name.startswith("autoencoder.")]
+    optimizer = torch.optim.Adam(flow_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if state.get("stage") == "flow" and epoch > 0:
+        optimizer.load_state_dict(state["optimizer_state"])
+
+    def nll(e: Tensor, y: Tensor) -> Tensor:
+        return -model.embedding_log_prob(e, y if conditional else None).mean()
+
+    while epoch < cfg.epochs and not session.out_of_budget(step):
+        epoch += 1
+        model.flow.train()
+        batches, _ = session.batches(len(embeddings), cfg.ae_epochs + epoch)
+        started = time.perf_counter()
+        train_nll, seen, step = _run_epoch(session, optimizer, batches,
+                                           lambda idx: nll(embeddings[idx], labels[idx]), f"flow {epoch}/{cfg.epochs}", step)
+        seconds = time.perf_counter() - started
+        model.eval()
+        val_nll = _mean_over(lambda a, b: nll(val_embeddings[a:b], val_labels[a:b]), len(val_embeddings))
+        if not math.isfinite(val_nll):
+            raise TrainingError(f"validation NLL is {val_nll} after flow epoch {epoch}")
+        improved = val_nll < best
+        best = min(best, val_nll)
+        session.log({"stage": "flow", "epoch": epoch, "step": step, "train_nll": train_nll, "val_nll": val_nll,
+                     "seconds": seconds, "images_per_s": seen / seconds})
+        grid_labels = torch.arange(10 * 8, device=dev) // 8 % model.config.num_classes
+        session.save_samples(model.sample(len(grid_labels), grid_labels if conditional else None), cfg.ae_epochs + epoch)
+        session.save({"stage": "flow", "ae_epoch": ae_epoch, "epoch": epoch, "step": step, "best_val_nll": best,
+                      "optimizer_state": optimizer.state_dict()}, improved)
+        session.report(f"flow epoch {epoch}: train NLL {train_nll:.3f}, val NLL {val_nll:.3f} nats"
+                       f"{' (best)' if improved else ''}, {seconds:.1f} s")
