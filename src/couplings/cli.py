@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -17,16 +16,17 @@ from couplings import __version__, checkpoint, data
 from couplings.checkpoint import CheckpointError
 from couplings.config import ConfigError, TrainConfig, split_overrides
 from couplings.data import DatasetError
-from couplings.evaluate import NonFiniteLogProbError, log_probs, nats_to_bits_per_dim
-from couplings.hardware import describe, resolve_device
+from couplings.evaluate import NonFiniteLogProbError
+from couplings.evaluation import evaluate_checkpoint
+from couplings.hardware import resolve_device
 from couplings.images import save_grid
 from couplings.models import MODELS
-from couplings.train import TrainingError, load_split, train
+from couplings.train import TrainingError, train
 
 # Errors that are the user's input or environment, reported as one line without a traceback:
 # usage errors exit with 2, runtime errors with 1.
 USAGE_ERRORS = (ConfigError,)
-RUNTIME_ERRORS = (CheckpointError, DatasetError, NonFiniteLogProbError, TrainingError, OSError, ValueError)
+RUNTIME_ERRORS = (ArithmeticError, CheckpointError, DatasetError, TrainingError, OSError, ValueError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,12 +76,15 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the dataset the run trained on")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
-    e.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
+    e.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise and the samples")
+    e.add_argument("--samples", type=int, default=10_000, help="samples for the quality metrics (0: skip them)")
+    e.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature for the metrics")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     s = commands.add_parser("sample", help="draw samples from a run or checkpoint into a PNG grid")
     s.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
-    s.add_argument("-n", type=_positive_int, default=64, help="number of samples")
+    s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
+    s.add_argument("--label", type=int, choices=range(10), metavar="0-9", help="draw only this digit (conditional models)")
     s.add_argument("--temperature", type=_positive_float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=_positive_int, default=8, help="images per row")
@@ -116,40 +119,33 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    device = resolve_device(args.device)
-    model, state = checkpoint.load_model(args.run, device)
-    train_config = state.get("train", {})
-    dataset = args.dataset or train_config.get("dataset", "mnist")
-    images, _ = load_split(dataset, args.split, train_config.get("val_size", TrainConfig.val_size))
-    started = time.perf_counter()
-    lp = log_probs(model, images, batch_size=args.batch_size, seed=args.seed, progress=True)
-    dim = lp.new_tensor(images.shape[1:]).prod().item()
-    log_likelihood = float(lp.mean())
-    result = {
-        "checkpoint": str(checkpoint.resolve(args.run)),
-        "model": state["model"],
-        "dataset": dataset,
-        "split": args.split,
-        "num_images": len(images),
-        "dimensions": int(dim),
-        "bits_per_dim": nats_to_bits_per_dim(log_likelihood, int(dim)),
-        "log_likelihood_nats": log_likelihood,
-        "dequantization_seed": args.seed,
-        "epoch": state.get("epoch"),
-        "step": state.get("step"),
-        "seconds": time.perf_counter() - started,
-        "hardware": describe(device),
-    }
-    print(f"{state['model']} on {dataset} {args.split} ({len(images)} images): "
-          f"{result['bits_per_dim']:.4f} bits/dim, log-likelihood {log_likelihood:.2f} nats")
-    published = MODELS[state["model"]].published
-    if published and dataset == "mnist":
-        bpd, source = published
-        print(f"published: {bpd} bits/dim ({source}); this run is {result['bits_per_dim'] - bpd:+.4f} bits/dim from it")
-    run_dir = checkpoint.resolve(args.run).parent
-    eval_path = run_dir / "eval.json"
+    result = evaluate_checkpoint(args.run, dataset=args.dataset, split=args.split, samples=args.samples,
+                                 temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                                 device=resolve_device(args.device), progress=True)
+    where = f"{result['model']} on {result['dataset']} {args.split} ({result['num_images']} images)"
+    if result["bits_per_dim"] is None:
+        print(f"{where}: {result['bits_per_dim_note']}; latent NLL {result['latent_nll_nats']:.3f} nats "
+              f"({result['latent_dimensions']}-d embedding)")
+    else:
+        print(f"{where}: {result['bits_per_dim']:.4f} bits/dim, log-likelihood {result['log_likelihood_nats']:.2f} nats")
+    if "published_bits_per_dim" in result:
+        gap = result["bits_per_dim"] - result["published_bits_per_dim"]
+        print(f"published: {result['published_bits_per_dim']} bits/dim ({result['published_source']}); "
+              f"this run is {gap:+.4f} bits/dim from it")
+    quality = result.get("sample_quality", {})
+    if "fid" in quality:
+        line = (f"{quality['num_samples']} samples at T={quality['temperature']}: FID {quality['fid']:.3f}, "
+                f"KID {quality['kid']:.5f}, precision {quality['precision']:.3f}, recall {quality['recall']:.3f}, "
+                f"nearest-train L2 {quality['nearest_train_l2']:.3f}")
+        if "conditional_accuracy" in quality:
+            line += f", conditional accuracy {quality['conditional_accuracy']:.4f}"
+        print(line)
+        print(f"features: {quality['feature_extractor']}")
+    elif "skipped" in quality:
+        print(f"sample quality skipped: {quality['skipped']}")
+    eval_path = Path(result["checkpoint"]).parent / "eval.json"
     previous = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-    previous[args.split if dataset == train_config.get("dataset", dataset) else f"{dataset}-{args.split}"] = result
+    previous[args.split if args.dataset is None else f"{result['dataset']}-{args.split}"] = result
     tmp = eval_path.with_name(f".eval.json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(previous, indent=2) + "\n")
     os.replace(tmp, eval_path)
@@ -165,12 +161,26 @@ def _cmd_sample(args) -> int:
         raise ConfigError(f"output directory {output.parent} does not exist")
     device = resolve_device(args.device)
     model, _ = checkpoint.load_model(args.run, device)
+    conditional = getattr(getattr(model, "config", None), "conditional", False)
+    if args.label is not None and not conditional:
+        raise ConfigError(f"--label needs a class-conditional model; {args.run} is not one")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    images = model.sample(args.n, temperature=args.temperature, generator=generator)
+    if conditional:
+        # One row per digit (or only the one asked for), each row sorted by log-density, densest first.
+        per_row = args.n or 10
+        digits = [args.label] if args.label is not None else list(range(model.config.num_classes))
+        rows = []
+        for digit in digits:
+            y = torch.full((per_row,), digit, device=device)
+            images, log_prob = model.sample_with_log_prob(per_row, y, args.temperature, generator)
+            rows.append(images[log_prob.argsort(descending=True)])
+        images, nrow = torch.cat(rows), per_row
+    else:
+        images, nrow = model.sample(args.n or 64, temperature=args.temperature, generator=generator), args.nrow
     bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
     if bad:
-        raise NonFiniteLogProbError(f"{bad} of {args.n} samples are not finite; nothing written")
-    save_grid(images, output, nrow=args.nrow)
+        raise NonFiniteLogProbError(f"{bad} of {len(images)} samples are not finite; nothing written")
+    save_grid(images, output, nrow=nrow)
     print(output)
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASETS", "DatasetError", "DatasetSpec", "data_root", "fetch", "load", "read_idx"]
+__all__ = ["DATASETS", "DatasetError", "DatasetSpec", "data_root", "fetch", "load", "load_split", "read_idx"]
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -150,6 +150,20 @@ def load(name: str, split: str, root: str | os.PathLike | None = None) -> tuple[
     if len(labels) != len(images):
         raise DatasetError(f"expected {len(images)} labels in {label_file} (one per image), found {len(labels)}")
     return images, labels
+
+
+def load_split(name: str, split: str, val_size: int = 10_000, root: str | os.PathLike | None = None):
+    """Like `load`, with the training protocol's splits: "train" (the official training set
+    minus its last ``val_size`` images), "val" (those last ``val_size``) or "test"."""
+    if split == "test":
+        return load(name, "test", root)
+    if split not in ("train", "val"):
+        raise DatasetError(f"unknown split {split!r}; expected train, val or test")
+    images, labels = load(name, "train", root)
+    if not 0 < val_size < len(images):
+        raise DatasetError(f"val_size must be between 1 and {len(images) - 1} for {name}, found {val_size}")
+    cut = len(images) - val_size
+    return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
 
 
 def fetch(name: str, root: str | os.PathLike | None = None) -> Path:

@@ -14,29 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from couplings import checkpoint, data
-from couplings.config import ConfigError, TrainConfig, apply_overrides
+from couplings.config import ConfigError, apply_overrides
 from couplings.evaluate import bits_per_dim, dequantize
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS
 from couplings.session import Session, TrainingError
 from couplings.train_latent import fit_latent
 
-__all__ = ["TrainingError", "fit_flow", "load_split", "train"]
+__all__ = ["TrainingError", "fit_flow", "train"]
 
 # Options that may change when a run is resumed; the rest define the run and stay fixed.
 RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes")
-
-
-def load_split(dataset: str, split: str, val_size: int, root=None):
-    """Images and labels of "train" (official train minus its last ``val_size``), "val" (those
-    last ``val_size``) or "test" (the official test set)."""
-    if split == "test":
-        return data.load(dataset, "test", root)
-    images, labels = data.load(dataset, "train", root)
-    if not 0 < val_size < len(images):
-        raise ConfigError(f"val_size must be between 1 and {len(images) - 1} for {dataset}, found {val_size}")
-    cut = len(images) - val_size
-    return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
 
 
 def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict, train_overrides: dict) -> dict:
@@ -110,8 +98,8 @@ def train(
     cfg = MODELS[model_name].train_config(**_tuples(run["train"]))
     dev = resolve_device(device)
 
-    train_data = load_split(cfg.dataset, "train", cfg.val_size, data_root)
-    val_data = load_split(cfg.dataset, "val", cfg.val_size, data_root)
+    train_data = data.load_split(cfg.dataset, "train", cfg.val_size, data_root)
+    val_data = data.load_split(cfg.dataset, "val", cfg.val_size, data_root)
     image_shape = (1, *train_data[0].shape[1:])
     torch.manual_seed(cfg.seed)
     model = checkpoint.build_model(model_name, run["model_config"])
