@@ -57,6 +57,8 @@ def log_probs(
     Raises:
         NonFiniteLogProbError: Some log-probabilities are NaN or infinite.
     """
+    if not getattr(model, "has_pixel_density", True):
+        raise TypeError(f"{type(model).__name__} models a latent density: it has no pixel log-likelihood or bits/dim")
     pixels = _as_image_batch(images)
     params = next(model.parameters(), None) if hasattr(model, "parameters") else None
     device = params.device if params is not None else torch.device("cpu")

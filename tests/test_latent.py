@@ -1,0 +1,144 @@
+"""LatentRealNVP: autoencoder shapes, the conditional flow's contract, and its CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from couplings import checkpoint
+from couplings.cli import main
+from couplings.evaluate import bits_per_dim
+from couplings.models import LatentRealNVP
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = LatentRealNVP(couplings=3, hidden_units=16)
+    with torch.no_grad():  # move the zero-initialised coupling outputs so that every layer acts
+        for name, p in m.named_parameters():
+            if name.startswith("flow."):
+                p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def test_default_architecture():
+    m = LatentRealNVP()
+    assert m.config.embedding_dim == 20 and m.config.couplings == 9 and m.config.conditional
+    kinds = [type(t).__name__ for t in m.flow.transforms]
+    assert kinds == ["AffineCoupling", "BatchNormFlow", "Permutation"] * 9
+    assert m.autoencoder.encode(torch.rand(2, 1, 28, 28)).shape == (2, 20)
+    assert m.autoencoder.decode(torch.randn(2, 20)).shape == (2, 1, 28, 28)
+
+
+def test_contract_and_flow_round_trip(model):
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 3, 9])
+    z, ld = model.transform(x, y)
+    assert z.shape == (4, 20) and ld.shape == (4,)
+    torch.testing.assert_close(model.log_prob(x, y), model.prior.log_prob(z).sum(-1) + ld)
+    e = model.autoencoder.encode(x)
+    e_back, _ = model.flow.inverse(z, model.context(y, 4))
+    torch.testing.assert_close(e_back, e, atol=1e-5, rtol=0)
+    assert model.inverse(z, y).shape == (4, 1, 28, 28)
+
+
+def test_labels_are_required_and_checked(model):
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.log_prob(x)
+    with pytest.raises(ValueError, match=r"labels of shape \(2,\) in 0..9"):
+        model.log_prob(x, torch.tensor([1, 10]))
+
+
+def test_sample_log_prob_matches_the_density_of_the_embedding(model):
+    model = model.double()
+    y = torch.arange(6) % 10
+    images, log_prob = model.sample_with_log_prob(6, y, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (6, 1, 28, 28) and images.dtype == torch.float64
+    assert images.min() >= 0 and images.max() <= 1
+    z = 0.8 * torch.randn(6, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    e, _ = model.flow.inverse(z, model.context(y, 6))
+    torch.testing.assert_close(log_prob, model.embedding_log_prob(e, y))
+
+
+def test_unconditional_mode(model):
+    m = LatentRealNVP(couplings=2, hidden_units=8, conditional=False).eval()
+    x = torch.rand(3, 1, 28, 28)
+    assert m.log_prob(x).shape == (3,)
+    assert m.sample(5).shape == (5, 1, 28, 28)
+
+
+def test_embedding_density_integrates_to_one_in_2d():
+    torch.manual_seed(1)
+    m = LatentRealNVP(embedding_dim=2, couplings=3, hidden_units=8, conditional=False).double().eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("flow."):
+                p.add_(0.2 * torch.randn_like(p))
+    side = torch.linspace(-12, 12, 801, dtype=torch.float64)
+    grid = torch.cartesian_prod(side, side)
+    with torch.no_grad():
+        mass = m.embedding_log_prob(grid).exp().sum() * (side[1] - side[0]) ** 2
+    assert abs(float(mass) - 1) < 2e-3
+
+
+def test_every_parameter_gets_a_gradient(model):
+    model.train()
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    (model.autoencoder.loss(x) - model.log_prob(x, y).mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_no_pixel_bits_per_dim(model):
+    with pytest.raises(TypeError, match="no pixel log-likelihood"):
+        bits_per_dim(model, torch.zeros(2, 28, 28, dtype=torch.uint8))
+
+
+def test_save_load_gives_equal_outputs(model, tmp_path):
+    checkpoint.save({"model": "latent-realnvp", "model_config": asdict(model.config),
+                     "model_state": model.state_dict()}, tmp_path / "m.pt")
+    loaded, _ = checkpoint.load_model(tmp_path / "m.pt")
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(loaded.log_prob(x, y), model.log_prob(x, y), atol=0, rtol=0)
+
+
+TINY = ["--dataset", "tiny", "--set", "size=small", "--set", "val_size=50", "--set", "ae_epochs=1",
+        "--epochs", "1", "--batch-size", "25", "--device", "cpu", "--quiet"]
+
+
+def test_cli_two_stages_eval_and_sample(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "latent-realnvp", "--out", str(run), *TINY]) == 0
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["autoencoder", "flow"]
+    assert (run / "best.pt").is_file() and checkpoint.load(run / "last.pt")["stage"] == "flow"
+    # Resuming a finished run with more flow epochs trains only the flow.
+    assert main(["train", "latent-realnvp", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["autoencoder", "flow", "flow"]
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--device", "cpu", "--samples", "0"]) == 0
+    assert "latent density: no pixel bits/dim" in capsys.readouterr().out
+    result = json.loads((run / "eval.json").read_text())["test"]
+    assert result["bits_per_dim"] is None and result["latent_nll_nats"] == pytest.approx(result["latent_nll_nats"])
+
+    assert main(["sample", str(run), "--label", "3", "-n", "5", "-o", str(tmp_path / "three.png")]) == 0
+    assert main(["sample", str(run), "-n", "4", "-o", str(tmp_path / "grid.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[1] > 4 * Image.open(tmp_path / "three.png").size[1]
+
+
+def test_cli_label_errors(tiny_dataset, tmp_path, capsys):
+    assert main(["train", "nice", "--out", str(tmp_path / "nice"), "--dataset", "tiny", "--set", "size=small",
+                 "--set", "val_size=50", "--max-steps", "1", "--quiet"]) == 0
+    assert main(["sample", str(tmp_path / "nice"), "--label", "3", "-o", str(tmp_path / "x.png")]) == 2
+    assert "needs a class-conditional model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["sample", str(tmp_path / "nice"), "--label", "10", "-o", str(tmp_path / "x.png")])
+    assert info.value.code == 2 and not (tmp_path / "x.png").exists()
