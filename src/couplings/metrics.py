@@ -114,8 +114,8 @@ def nearest_neighbour_distance(samples: np.ndarray | Tensor, train: np.ndarray |
 
     Near 0 would mean the model reproduces training images (memorisation).
     """
-    s = _as_float_images(samples).flatten(1)
-    t = _as_float_images(train).flatten(1)
+    s = _as_float_images(samples).flatten(1).double()  # float64: exact zeros for exact copies
+    t = _as_float_images(train).flatten(1).double()
     nearest = [torch.cdist(s[i : i + batch], t).min(1).values for i in range(0, len(s), batch)]
     return float(torch.cat(nearest).double().mean())
 

@@ -1,0 +1,81 @@
+"""Sample-quality metrics: known answers on Gaussians, then on real MNIST with the committed classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from couplings import data, metrics
+from couplings.classifier import Classifier, load_classifier
+
+
+def _gaussian(n: int, seed: int, scale: float = 1.0, shift=(0.0, 0.0, 0.0, 0.0)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, 4, generator=g, dtype=torch.float64) + torch.tensor(shift, dtype=torch.float64)
+
+
+def test_fid_known_answers_on_gaussians():
+    a = _gaussian(50_000, 0)
+    assert metrics.fid(a, a) < 1e-9
+    # N(0, I) vs N(mu, 4 I) in 4-d: |mu|^2 + tr(I + 4I - 2 * 2I) = 5 + 4.
+    assert metrics.fid(a, _gaussian(50_000, 1, scale=2.0, shift=(1.0, 2.0, 0.0, 0.0))) == pytest.approx(9.0, abs=0.15)
+    assert metrics.fid(a, _gaussian(50_000, 2)) < 0.01
+
+
+def test_kid_is_unbiased_near_zero_and_positive_for_different_sets():
+    a, b = _gaussian(4000, 0), _gaussian(4000, 1)
+    mean, std = metrics.kid(a, b, subsets=20, subset_size=500)
+    assert abs(mean) < 3 * std + 1e-3
+    far, _ = metrics.kid(a, _gaussian(4000, 2, shift=(2.0, 0.0, 0.0, 0.0)), subsets=20, subset_size=500)
+    assert far > 0.1
+
+
+def test_precision_recall_extremes():
+    a = _gaussian(500, 0)
+    assert metrics.precision_recall(a, a) == (1.0, 1.0)
+    assert metrics.precision_recall(a, a + 100.0) == (0.0, 0.0)
+
+
+def test_nearest_neighbour_distance():
+    train = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    assert metrics.nearest_neighbour_distance(train[:5], train) < 1e-6
+    assert metrics.nearest_neighbour_distance(torch.ones(3, 1, 28, 28), torch.zeros(4, 28, 28, dtype=torch.uint8)) == pytest.approx(28.0)
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return data.load("mnist", "test")
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return load_classifier("mnist")
+
+
+def test_committed_classifier_accuracy_and_size(classifier, mnist_test):
+    images, labels = mnist_test
+    assert metrics.conditional_accuracy(classifier, images, torch.as_tensor(labels)) >= 0.99
+    assert sum(p.numel() for p in classifier.parameters()) * 4 <= 2 * 1024 * 1024
+
+
+def test_fid_on_mnist_features(classifier, mnist_test):
+    images, _ = mnist_test
+    feats = metrics.features(classifier, images)
+    assert feats.shape == (10_000, 128)
+    assert metrics.fid(feats, feats) < 1e-6
+    halves = metrics.fid(feats[:5000], feats[5000:])
+    noise = torch.rand(10_000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    noisy = metrics.fid(feats, metrics.features(classifier, noise))
+    assert halves < 2.0, halves
+    assert noisy > 100 * max(halves, 0.01), (noisy, halves)
+
+
+def test_sample_quality_names_its_features(classifier, mnist_test):
+    images, labels = mnist_test
+    train, _ = data.load("mnist", "train")
+    result = metrics.sample_quality(classifier, torch.as_tensor(images[:2000]), images[2000:4000], train[:5000],
+                                    dataset="mnist", sample_labels=torch.as_tensor(labels[:2000]), nn_samples=100)
+    assert "not Inception" in result["feature_extractor"] and "mnist" in result["feature_extractor"]
+    assert result["conditional_accuracy"] >= 0.98
+    assert result["fid"] < 5 and result["precision"] > 0.5 and result["recall"] > 0.5
+    assert result["nearest_train_l2"] > 0
