@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from couplings.image_transforms import ActNorm, AffineCoupling2d, BatchNorm2dFlow, InvConv1x1, Logit, Squeeze
 from couplings.transforms import (
     AdditiveCoupling,
     AffineCoupling,
@@ -47,6 +48,29 @@ LAYERS = {
 }
 CONDITIONAL = {"affine-conditional", "latent-stack"}
 
+# Image layers run on (B, C, H, W) inputs of these shapes; flat layers on (B, 6) or (B, 5).
+IMAGE_LAYERS = {
+    "logit": (lambda: Logit(0.05), (1, 2, 2)),
+    "logit-tiny-alpha": (lambda: Logit(1e-6), (1, 2, 2)),
+    "squeeze": (lambda: Squeeze(), (2, 2, 4)),
+    "actnorm": (lambda: _initialized(ActNorm(3), (3, 2, 2)), (3, 2, 2)),
+    "invconv1x1": (lambda: InvConv1x1(3, seed=1), (3, 2, 2)),
+    "batchnorm2d-eval": (lambda: BatchNorm2dFlow(2).eval(), (2, 2, 2)),
+    "coupling-checkerboard-tanh": (lambda: AffineCoupling2d(1, "checkerboard", 0, 4, 1).eval(), (1, 4, 4)),
+    "coupling-checkerboard-odd": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
+    "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),
+    "coupling-channel-sigmoid": (lambda: AffineCoupling2d(4, "channel", 1, 4, 0, scale="sigmoid").eval(), (4, 2, 2)),
+    "glow-step": (lambda: Composite([_initialized(ActNorm(4), (4, 2, 2)), InvConv1x1(4),
+                                     AffineCoupling2d(4, "channel", 0, 4, 0, scale="sigmoid")]).eval(), (4, 2, 2)),
+}
+LAYERS.update({name: factory for name, (factory, _) in IMAGE_LAYERS.items()})
+
+
+def _initialized(layer: ActNorm, shape) -> ActNorm:
+    """ActNorm after its data-dependent initialisation on a batch unlike the test inputs."""
+    layer(3 * torch.randn(16, *shape) + 1)
+    return layer
+
 
 def _with_running_stats(layer: BatchNormFlow) -> BatchNormFlow:
     layer.running_mean.copy_(torch.linspace(-1, 1, 6))
@@ -61,8 +85,13 @@ def _context(name: str, batch: int = 4) -> torch.Tensor | None:
 
 
 def _input(layer_name: str, batch: int = 4) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    if layer_name.startswith("logit"):  # data in (0, 1)
+        return torch.rand(batch, *IMAGE_LAYERS[layer_name][1], dtype=torch.float64, generator=generator) * 0.98 + 0.01
+    if layer_name in IMAGE_LAYERS:
+        return torch.randn(batch, *IMAGE_LAYERS[layer_name][1], dtype=torch.float64, generator=generator)
     dim = 5 if layer_name == "additive-odd-dim" else 6
-    return torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return torch.randn(batch, dim, dtype=torch.float64, generator=generator)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -71,7 +100,7 @@ def test_round_trip_and_finite(name):
     x, y = _input(name), _context(name)
     z, ld = layer(x, y)
     x_back, ld_inv = layer.inverse(z, y)
-    assert z.shape == x.shape and ld.shape == (x.shape[0],)
+    assert z.shape[0] == x.shape[0] and z.numel() == x.numel() and ld.shape == (x.shape[0],)
     assert torch.isfinite(z).all() and torch.isfinite(ld).all()
     torch.testing.assert_close(x_back, x, atol=1e-12, rtol=0)
     torch.testing.assert_close(ld_inv, -ld, atol=1e-12, rtol=0)
@@ -81,12 +110,14 @@ def test_round_trip_and_finite(name):
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 def test_logabsdet_matches_autograd_jacobian(name, direction):
     layer = _randomized(LAYERS[name]())
-    fn = layer.forward if direction == "forward" else layer.inverse
     x, y = _input(name), _context(name)
+    if direction == "inverse":
+        x = layer(x, y)[0].detach()  # a point in the inverse's domain (e.g. squeezed, or real-valued)
+    fn = layer.forward if direction == "forward" else layer.inverse
     _, ld = fn(x, y)
     for i in range(x.shape[0]):
         y_i = None if y is None else y[i : i + 1]
-        jac = jacobian(lambda row: fn(row.unsqueeze(0), y_i)[0].squeeze(0), x[i])
+        jac = jacobian(lambda row: fn(row.unsqueeze(0), y_i)[0].flatten(), x[i]).reshape(x[i].numel(), -1)
         _, expected = torch.linalg.slogdet(jac)
         torch.testing.assert_close(ld[i], expected, atol=1e-10, rtol=0)
 
@@ -139,3 +170,24 @@ def test_permutation_survives_save_load():
     assert not torch.equal(a.order, b.order)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.order, b.order)
+
+
+def test_actnorm_data_init_and_flag_survives_load():
+    layer = ActNorm(3)
+    x = torch.randn(64, 3, 4, 4) * torch.tensor([0.5, 2.0, 4.0]).view(1, 3, 1, 1) + 3
+    z, _ = layer(x)
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    fresh = ActNorm(3)
+    fresh.load_state_dict(layer.state_dict())
+    assert bool(fresh.initialized)
+    z2, _ = fresh(torch.randn(8, 3, 4, 4))  # must not re-initialise on this batch
+    torch.testing.assert_close(fresh.bias, layer.bias, atol=0, rtol=0)
+
+
+def test_couplings_start_near_identity():
+    x = torch.randn(2, 4, 4, 4)
+    z, ld = AffineCoupling2d(4, "checkerboard", 0, 8, 1).eval()(x)
+    assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))  # tanh factor 0 and a zero last conv
+    z, ld = AffineCoupling2d(4, "channel", 0, 8, 1, scale="sigmoid").eval()(x)
+    torch.testing.assert_close(z[:, 2:], x[:, 2:] * torch.sigmoid(torch.tensor(2.0)))  # Glow's sigmoid(h + 2)
