@@ -10,7 +10,7 @@ from typing import Any
 
 from couplings.data import DATASETS
 
-__all__ = ["ConfigError", "LatentTrainConfig", "TrainConfig", "apply_overrides", "parse_value", "split_overrides"]
+__all__ = ["ConfigError", "GlowTrainConfig", "LatentTrainConfig", "RealNVPTrainConfig", "TrainConfig", "apply_overrides", "parse_value", "split_overrides"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,9 @@ class TrainConfig:
     eval_batch_size: int = 1000
     samples_per_epoch: int = 64
     seed: int = 0
+    grad_clip: float | None = None
+    warmup_steps: int = 0
+    wn_l2: float = 0.0
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -54,6 +57,36 @@ class TrainConfig:
             raise ConfigError(f"need lr > 0, eps > 0, weight_decay >= 0; found {self.lr}, {self.eps}, {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), found {self.betas}")
+        if (self.grad_clip is not None and not self.grad_clip > 0) or self.warmup_steps < 0 or self.wn_l2 < 0:
+            raise ConfigError(
+                f"need grad_clip > 0 (or none), warmup_steps >= 0, wn_l2 >= 0; "
+                f"found {self.grad_clip}, {self.warmup_steps}, {self.wn_l2}"
+            )
+
+
+@dataclass
+class RealNVPTrainConfig(TrainConfig):
+    """Real NVP's recipe: Adam 1e-3, batch 64, L2 5e-5 on the weight-norm scales only,
+    gradient norms clipped at 100."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 100.0
+    wn_l2: float = 5e-5
+
+
+@dataclass
+class GlowTrainConfig(TrainConfig):
+    """Glow's recipe: Adam 1e-3 with a linear learning-rate warm-up, batch 64, clipping at 50."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 50.0
+    warmup_steps: int = 2000
 
 
 @dataclass

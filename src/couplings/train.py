@@ -32,7 +32,7 @@ def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict
     train_config = apply_overrides(entry.train_config(), train_overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainingError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
-    size = size or "paper"
+    size = size or next(iter(entry.presets))  # the first preset is the paper's size
     if size not in entry.presets:
         raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
     model_config = apply_overrides(entry.config(), {**entry.presets[size], **model_overrides})
@@ -129,6 +129,9 @@ def fit_flow(session: Session) -> None:
     if session.state is not None:
         optimizer.load_state_dict(session.state["optimizer_state"])
         epoch, step, best = session.state["epoch"], session.state["step"], session.state["best_val_bpd"]
+    # Weight-norm scales ("g"), the only weights Real NVP's L2 penalty applies to.
+    wn_scales = [p for name, p in model.named_parameters() if name.endswith("parametrizations.weight.original0")]
+    wn_scales = wn_scales if cfg.wn_l2 > 0 else []
     pixels = torch.as_tensor(session.train_data[0]).unsqueeze(1).to(dev)  # (N, H, W) -> (N, 1, H, W)
     dim = math.prod(pixels.shape[1:])
 
@@ -148,7 +151,13 @@ def fit_flow(session: Session) -> None:
                         f"the last good state is in {out / 'last.pt'}"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
+                (loss + penalty).backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.warmup_steps:
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
                 optimizer.step()
                 step += 1
                 total_nll, seen = total_nll + loss.item() * len(x), seen + len(x)

@@ -5,16 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from couplings.config import LatentTrainConfig, TrainConfig
+from couplings.config import GlowTrainConfig, LatentTrainConfig, RealNVPTrainConfig, TrainConfig
 from couplings.models.base import Flow
+from couplings.models.glow import GLOW_PRESETS, Glow, GlowConfig
 from couplings.models.latent_realnvp import ConvAutoencoder, LatentRealNVP, LatentRealNVPConfig
+from couplings.models.multiscale import MultiScaleFlow
 from couplings.models.nice import NICE, NICE_PRESETS, NICEConfig
+from couplings.models.realnvp import REALNVP_PRESETS, RealNVP, RealNVPConfig
 
 __all__ = [
     "MODELS",
     "NICE",
     "ConvAutoencoder",
     "Flow",
+    "Glow",
+    "GlowConfig",
+    "MultiScaleFlow",
+    "RealNVP",
+    "RealNVPConfig",
     "LatentRealNVP",
     "LatentRealNVPConfig",
     "ModelEntry",
@@ -49,4 +57,6 @@ MODELS: dict[str, ModelEntry] = {
         {"paper": {}, "small": {"couplings": 4, "hidden_units": 64}},
         train_config=LatentTrainConfig,
     ),
+    "realnvp": ModelEntry(RealNVP, RealNVPConfig, REALNVP_PRESETS, (1.06, "FFJORD paper table"), RealNVPTrainConfig),
+    "glow": ModelEntry(Glow, GlowConfig, GLOW_PRESETS, (1.05, "FFJORD paper table"), GlowTrainConfig),
 }

@@ -1,0 +1,74 @@
+"""Glow: ActNorm, invertible 1x1 convolutions and affine couplings in a multi-scale flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from couplings.image_transforms import ActNorm, AffineCoupling2d, InvConv1x1, Squeeze
+from couplings.models.multiscale import LearnedSplitPrior, MultiScaleFlow, Shift, check_image_shape
+from couplings.transforms import Composite, Transform
+
+__all__ = ["GLOW_PRESETS", "Glow", "GlowConfig"]
+
+
+@dataclass
+class GlowConfig:
+    """Constructor arguments of `Glow`; the defaults are the `mnist` size."""
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    levels: int = 2
+    steps: int = 16
+    hidden: int = 128
+    blocks: int = 1
+
+    def __post_init__(self):
+        self.image_shape = tuple(self.image_shape)
+        if self.levels < 1 or self.steps < 1 or self.hidden < 1 or self.blocks < 0:
+            raise ValueError(f"need levels, steps, hidden >= 1 and blocks >= 0; found {self}")
+        check_image_shape(self.image_shape, self.levels)
+
+
+GLOW_PRESETS = {"mnist": {}, "small": {"steps": 6, "hidden": 64, "blocks": 0}}
+
+
+class Glow(MultiScaleFlow):
+    """Glow: pixels centred at 0, then per level a squeeze and ``steps`` steps of flow
+    (ActNorm -> invertible 1x1 convolution in LU form -> affine coupling with
+    ``scale = sigmoid(h + 2)``), and half of the channels factored out under a learned
+    conditional prior (all levels but the last).
+
+    References:
+        Kingma and Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        levels: int = 2,
+        steps: int = 16,
+        hidden: int = 128,
+        blocks: int = 1,
+    ):
+        config = GlowConfig(tuple(image_shape), levels, steps, hidden, blocks)
+        c, h, w = config.image_shape
+
+        def step_of_flow(channels: int, seed: int) -> list[Transform]:
+            return [ActNorm(channels), InvConv1x1(channels, seed=seed),
+                    AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale="sigmoid")]
+
+        blocks_per_level, out_shapes, priors = [], [], []
+        for level in range(levels):
+            c, h, w = 4 * c, h // 2, w // 2  # after the squeeze
+            layers = [Squeeze()]
+            for k in range(steps):
+                layers += step_of_flow(c, seed=1000 * level + k)
+            blocks_per_level.append(Composite(layers))
+            if level < levels - 1:
+                out_shapes.append((c // 2, h, w))
+                priors.append(LearnedSplitPrior(c // 2, c // 2))
+                c //= 2
+        out_shapes.append((c, h, w))
+        final = blocks_per_level.pop()
+        super().__init__(config.image_shape, Shift(-0.5), blocks_per_level, final, out_shapes, priors)
+        self.config = config

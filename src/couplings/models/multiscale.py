@@ -1,0 +1,124 @@
+"""The multi-scale architecture shared by Real NVP and Glow: levels that each factor out half
+of the channels, every factored-out latent kept so that the map stays exactly invertible."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from couplings.distributions import StandardNormal
+from couplings.models.base import Flow
+from couplings.transforms import Transform
+
+__all__ = ["LearnedSplitPrior", "MultiScaleFlow", "Shift", "check_image_shape"]
+
+
+class LearnedSplitPrior(nn.Module):
+    """Glow's learned prior for a factored-out half: ``z_out ~ N(mu(h), sigma(h)^2)`` given the
+    kept half ``h``, from a zero-initialised 3x3 convolution.
+
+    It is applied as the standardising map ``eps = (z_out - mu) / sigma`` with log-det
+    ``-sum(log sigma)``, so the model's prior stays a standard normal and
+    ``log_prob == prior.log_prob(z).sum(-1) + logabsdet`` holds exactly.
+    """
+
+    def __init__(self, kept_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(kept_channels, 2 * out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, z_out: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_sigma = self.conv(h).chunk(2, dim=1)
+        return (z_out - mu) * (-log_sigma).exp(), -log_sigma.flatten(1).sum(1)
+
+    def inverse(self, eps: Tensor, h: Tensor) -> Tensor:
+        mu, log_sigma = self.conv(h).chunk(2, dim=1)
+        return eps * log_sigma.exp() + mu
+
+
+class MultiScaleFlow(Flow):
+    """``preprocess`` -> for each level: its layers, then half the channels factored out
+    (standardised by a `LearnedSplitPrior` if given) -> ``final`` layers. The latent ``z`` is
+    every factored-out half and the final tensor, flattened and concatenated: (B, C*H*W).
+
+    Subclasses build the layers and pass ``out_shapes``: the shape of each factored-out half and,
+    last, of the final tensor.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        preprocess: Transform,
+        levels: list[Transform],
+        final: Transform,
+        out_shapes: list[tuple[int, int, int]],
+        split_priors: list[LearnedSplitPrior] | None = None,
+    ):
+        super().__init__()
+        self.event_shape = tuple(image_shape)
+        if sum(math.prod(s) for s in out_shapes) != self.dim:
+            raise ValueError(f"latent shapes {out_shapes} do not add up to the {self.dim} entries of {image_shape}")
+        self.preprocess = preprocess
+        self.levels = nn.ModuleList(levels)
+        self.final = final
+        self.split_priors = nn.ModuleList(split_priors) if split_priors is not None else None
+        self.out_shapes = [tuple(s) for s in out_shapes]
+        self.prior = StandardNormal(self.dim)
+
+    def _image(self, x: Tensor) -> Tensor:
+        return self._flatten(x).reshape(x.shape[0], *self.event_shape)
+
+    def transform(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h, logabsdet = self.preprocess(self._image(x))
+        outs = []
+        for i, level in enumerate(self.levels):
+            h, ld = level(h)
+            z_out, h = h.chunk(2, dim=1)  # (B, C, H, W) -> factored-out (B, C/2, H, W) and kept half
+            if self.split_priors is not None:
+                z_out, ld_prior = self.split_priors[i](z_out, h)
+                ld = ld + ld_prior
+            outs.append(z_out.flatten(1))
+            logabsdet = logabsdet + ld
+        h, ld = self.final(h)
+        outs.append(h.flatten(1))
+        return torch.cat(outs, dim=1), logabsdet + ld
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        z = self._flatten(z)
+        pieces = z.split([math.prod(s) for s in self.out_shapes], dim=1)
+        h, _ = self.final.inverse(pieces[-1].reshape(len(z), *self.out_shapes[-1]))
+        for i in reversed(range(len(self.levels))):
+            z_out = pieces[i].reshape(len(z), *self.out_shapes[i])
+            if self.split_priors is not None:
+                z_out = self.split_priors[i].inverse(z_out, h)
+            h, _ = self.levels[i].inverse(torch.cat([z_out, h], dim=1))
+        x, _ = self.preprocess.inverse(h)
+        return x
+
+
+class Shift(Transform):
+    """``z = x + offset`` (volume-preserving), e.g. Glow's centring of [0, 1] pixels at 0."""
+
+    def __init__(self, offset: float):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x + self.offset, x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z - self.offset, z.new_zeros(z.shape[0])
+
+
+def check_image_shape(image_shape: tuple[int, ...], halvings: int) -> tuple[int, int, int]:
+    """(C, H, W) whose sides divide by 2 ``halvings`` times, else a clear error."""
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, found {image_shape}")
+    c, h, w = image_shape
+    if h % 2**halvings or w % 2**halvings:
+        raise ValueError(f"image sides must divide by 2^{halvings} = {2**halvings} for {halvings} squeezes, found {h}x{w}")
+    return c, h, w
+
