@@ -16,10 +16,11 @@ from couplings import __version__, checkpoint, data
 from couplings.checkpoint import CheckpointError
 from couplings.config import ConfigError, TrainConfig, split_overrides
 from couplings.data import DatasetError
-from couplings.evaluate import NonFiniteLogProbError
+from couplings.evaluate import NonFiniteLogProbError, dequantize
 from couplings.evaluation import evaluate_checkpoint
 from couplings.hardware import resolve_device
 from couplings.images import save_grid
+from couplings.sampling import interpolate, temperature_sweep
 from couplings.models import MODELS
 from couplings.train import TrainingError, train
 
@@ -48,6 +49,16 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, found {text}")
     return value
+
+
+def _temperature_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, found {text}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected temperatures > 0, found {text}")
+    return values
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -86,10 +97,20 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
     s.add_argument("--label", type=int, choices=range(10), metavar="0-9", help="draw only this digit (conditional models)")
     s.add_argument("--temperature", type=_positive_float, default=1.0)
+    s.add_argument("--temperatures", type=_temperature_list, metavar="T1,T2,...",
+                   help="a sweep: one row per temperature from the same noise, e.g. 0.5,0.7,0.85,1.0")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=_positive_int, default=8, help="images per row")
     s.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    i = commands.add_parser("interpolate", help="decode straight lines between the latents of test images")
+    i.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    i.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
+    i.add_argument("--pairs", type=_positive_int, default=4, help="image pairs, one row each")
+    i.add_argument("--steps", type=_positive_int, default=8, help="images per row, ends included")
+    i.add_argument("--seed", type=int, default=0, help="picks the test images and their dequantization")
+    i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     d = commands.add_parser("data", help="dataset files")
     d_commands = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -128,6 +149,8 @@ def _cmd_eval(args) -> int:
               f"({result['latent_dimensions']}-d embedding)")
     else:
         print(f"{where}: {result['bits_per_dim']:.4f} bits/dim, log-likelihood {result['log_likelihood_nats']:.2f} nats")
+    if "reconstruction_max_abs_error" in result:
+        print(f"reconstruction: max |inverse(transform(x)) - x| = {result['reconstruction_max_abs_error']:.2e}")
     if "published_bits_per_dim" in result:
         gap = result["bits_per_dim"] - result["published_bits_per_dim"]
         print(f"published: {result['published_bits_per_dim']} bits/dim ({result['published_source']}); "
@@ -154,14 +177,12 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    output = args.output
-    if output.suffix.lower() != ".png":
-        raise ConfigError(f"output must be a .png file, found {output}")
-    if not output.parent.resolve().is_dir():
-        raise ConfigError(f"output directory {output.parent} does not exist")
+    output = _checked_png(args.output)
     device = resolve_device(args.device)
     model, _ = checkpoint.load_model(args.run, device)
     conditional = getattr(getattr(model, "config", None), "conditional", False)
+    if args.temperatures and conditional:
+        raise ConfigError("--temperatures is for unconditional models; use --temperature with --label instead")
     if args.label is not None and not conditional:
         raise ConfigError(f"--label needs a class-conditional model; {args.run} is not one")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -175,12 +196,40 @@ def _cmd_sample(args) -> int:
             images, log_prob = model.sample_with_log_prob(per_row, y, args.temperature, generator)
             rows.append(images[log_prob.argsort(descending=True)])
         images, nrow = torch.cat(rows), per_row
+    elif args.temperatures:
+        images, nrow = temperature_sweep(model, args.temperatures, args.n or 8, args.seed), args.n or 8
     else:
         images, nrow = model.sample(args.n or 64, temperature=args.temperature, generator=generator), args.nrow
     bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
     if bad:
         raise NonFiniteLogProbError(f"{bad} of {len(images)} samples are not finite; nothing written")
     save_grid(images, output, nrow=nrow)
+    print(output)
+    return 0
+
+
+def _checked_png(output: Path) -> Path:
+    if output.suffix.lower() != ".png":
+        raise ConfigError(f"output must be a .png file, found {output}")
+    if not output.parent.resolve().is_dir():
+        raise ConfigError(f"output directory {output.parent} does not exist")
+    return output
+
+
+def _cmd_interpolate(args) -> int:
+    output = _checked_png(args.output)
+    device = resolve_device(args.device)
+    model, state = checkpoint.load_model(args.run, device)
+    if not getattr(model, "has_pixel_density", True):
+        raise ConfigError(f"{state['model']} maps images to a lossy embedding; interpolate needs an invertible pixel model")
+    train_config = state.get("train", {})
+    images, _ = data.load(train_config.get("dataset", "mnist"), "test")
+    generator = torch.Generator().manual_seed(args.seed)
+    chosen = torch.randperm(len(images), generator=generator)[: 2 * args.pairs]
+    x = dequantize(torch.as_tensor(images[chosen.numpy()]).unsqueeze(1), generator).to(device)
+    x = x.to(model.prior._anchor.dtype)
+    grid = interpolate(model, x[: args.pairs], x[args.pairs :], args.steps)
+    save_grid(grid, output, nrow=args.steps)
     print(output)
     return 0
 
@@ -194,7 +243,8 @@ def _cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "data": _cmd_data}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
+                "data": _cmd_data}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

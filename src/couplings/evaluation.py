@@ -12,11 +12,11 @@ from couplings import checkpoint, metrics
 from couplings.data import load_split
 from couplings.classifier import load_classifier
 from couplings.config import TrainConfig
-from couplings.evaluate import log_probs, nats_to_bits_per_dim
+from couplings.evaluate import dequantize, log_probs, nats_to_bits_per_dim
 from couplings.hardware import describe
 from couplings.models import MODELS
 
-__all__ = ["NO_PIXEL_BPD", "draw_samples", "evaluate_checkpoint"]
+__all__ = ["NO_PIXEL_BPD", "draw_samples", "evaluate_checkpoint", "reconstruction_error"]
 
 NO_PIXEL_BPD = "latent density: no pixel bits/dim"
 
@@ -41,6 +41,22 @@ def draw_samples(
     if bad:
         raise ArithmeticError(f"{bad} of {n} samples are not finite")
     return samples, labels
+
+
+@torch.no_grad()
+def reconstruction_error(model, images, *, batch_size: int = 1000, seed: int = 0) -> float:
+    """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W))."""
+    device = model.prior._anchor.device
+    dtype = model.prior._anchor.dtype
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pixels = torch.as_tensor(images).unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    model.eval()
+    worst = 0.0
+    for start in range(0, len(pixels), batch_size):
+        x = dequantize(pixels[start : start + batch_size].to(device), generator, dtype)
+        z, _ = model.transform(x)
+        worst = max(worst, float((model.inverse(z) - x).abs().max()))
+    return worst
 
 
 def evaluate_checkpoint(
@@ -87,6 +103,7 @@ def evaluate_checkpoint(
             "bits_per_dim": nats_to_bits_per_dim(float(lp.mean()), dim),
             "log_likelihood_nats": float(lp.mean()),
             "dequantization_seed": seed,
+            "reconstruction_max_abs_error": reconstruction_error(model, images, batch_size=batch_size, seed=seed),
         })
         published = MODELS[state["model"]].published
         if published and dataset == "mnist":
