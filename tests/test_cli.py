@@ -131,3 +131,22 @@ def test_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_pretrained_export_and_use(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COUPLINGS_PRETRAINED", str(tmp_path / "pretrained"))
+    (tmp_path / "pretrained").mkdir()
+    path = checkpoint.export_pretrained(run_dir, tmp_path / "pretrained" / "nice-tiny.pt", half=True,
+                                        provenance={"command": "test"})
+    state = checkpoint.load(path)
+    assert state["stored_half_precision"] and "optimizer_state" not in state
+    assert all(v.dtype == torch.float16 for v in state["model_state"].values() if v.is_floating_point())
+    model, _ = checkpoint.load_model(path)
+    assert next(model.parameters()).dtype == torch.float32
+    assert main(["sample", "--pretrained", "nice-tiny", "-n", "4", "-o", str(tmp_path / "p.png")]) == 0
+    assert main(["eval", "--pretrained", "nice-tiny", "--dataset", "tiny", "--samples", "0"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert main(["sample", "--pretrained", "nope", "-o", str(tmp_path / "q.png")]) == 1
+    assert "no pretrained model 'nope'" in _error_line(capsys) and not (tmp_path / "q.png").exists()
+    assert main(["sample", str(run_dir), "--pretrained", "nice-tiny", "-o", str(tmp_path / "q.png")]) == 2
+    assert "either RUN_DIR_OR_CHECKPOINT or --pretrained" in _error_line(capsys)

@@ -10,7 +10,20 @@ import torch
 
 from couplings.models import MODELS, Flow
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "build_model", "load", "load_model", "resolve", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "build_model",
+    "export_pretrained",
+    "load",
+    "load_model",
+    "pretrained_path",
+    "resolve",
+    "save",
+]
+
+# Committed weights live in the repository's pretrained/ folder ($COUPLINGS_PRETRAINED overrides it).
+PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "model_config", "model_state")
@@ -92,3 +105,29 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{resolve(path)}: weights do not fit model {payload['model']!r}: {first}") from None
     return model.to(device).eval(), payload
+
+
+def pretrained_path(name: str) -> Path:
+    """The file of a committed pretrained model, e.g. "nice-mnist" -> pretrained/nice-mnist.pt."""
+    directory = Path(os.environ.get("COUPLINGS_PRETRAINED", PRETRAINED_DIR))
+    path = directory / f"{name}.pt"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.pt")) if directory.is_dir() else []
+        raise CheckpointError(f"no pretrained model {name!r} in {directory}; available: {', '.join(known) or 'none'}")
+    return path
+
+
+def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: bool = False,
+                      provenance: dict[str, Any] | None = None) -> Path:
+    """Writes a run's best weights, without optimizer state, as a small checkpoint.
+
+    ``half=True`` stores floating-point tensors in float16 (they load back into float32
+    parameters); buffers such as ActNorm flags and permutations keep their dtypes.
+    """
+    payload = load(run)
+    state = payload["model_state"]
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    keep = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
+    return save({**{k: payload[k] for k in keep if k in payload}, "model_state": state,
+                 "stored_half_precision": half, "provenance": provenance or {}}, path)

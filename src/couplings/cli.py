@@ -83,7 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = commands.add_parser("eval", help="test bits/dim of a run or checkpoint; writes eval.json")
-    e.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    e.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    e.add_argument("--pretrained", metavar="NAME", help="a committed model from pretrained/ instead of a run")
     e.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the dataset the run trained on")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
@@ -93,7 +94,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     s = commands.add_parser("sample", help="draw samples from a run or checkpoint into a PNG grid")
-    s.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    s.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    s.add_argument("--pretrained", metavar="NAME", help="a committed model from pretrained/ instead of a run")
     s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
     s.add_argument("--label", type=int, choices=range(10), metavar="0-9", help="draw only this digit (conditional models)")
     s.add_argument("--temperature", type=_positive_float, default=1.0)
@@ -139,7 +141,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _model_path(args) -> Path:
+    """The run or checkpoint a command acts on: RUN_DIR_OR_CHECKPOINT, or --pretrained NAME."""
+    if (args.run is None) == (args.pretrained is None):
+        raise ConfigError("give either RUN_DIR_OR_CHECKPOINT or --pretrained NAME")
+    return checkpoint.pretrained_path(args.pretrained) if args.pretrained else args.run
+
+
 def _cmd_eval(args) -> int:
+    args.run = _model_path(args)
     result = evaluate_checkpoint(args.run, dataset=args.dataset, split=args.split, samples=args.samples,
                                  temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                                  device=resolve_device(args.device), progress=True)
@@ -166,6 +176,8 @@ def _cmd_eval(args) -> int:
         print(f"features: {quality['feature_extractor']}")
     elif "skipped" in quality:
         print(f"sample quality skipped: {quality['skipped']}")
+    if args.pretrained:
+        return 0  # eval.json belongs in run directories; the pretrained/ folder stays as committed
     eval_path = Path(result["checkpoint"]).parent / "eval.json"
     previous = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     previous[args.split if args.dataset is None else f"{result['dataset']}-{args.split}"] = result
@@ -178,6 +190,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_sample(args) -> int:
     output = _checked_png(args.output)
+    args.run = _model_path(args)
     device = resolve_device(args.device)
     model, _ = checkpoint.load_model(args.run, device)
     conditional = getattr(getattr(model, "config", None), "conditional", False)
