@@ -81,3 +81,9 @@ def test_sample_quality_names_its_features(classifier, mnist_test):
     assert result["conditional_accuracy"] >= 0.98
     assert result["fid"] < 5 and result["precision"] > 0.5 and result["recall"] > 0.5
     assert result["nearest_train_l2"] > 0
+
+
+def test_committed_fashion_classifier_accuracy():
+    images, labels = data.load("fashion-mnist", "test")
+    accuracy = metrics.conditional_accuracy(load_classifier("fashion-mnist"), images, torch.as_tensor(labels))
+    assert accuracy >= 0.90
