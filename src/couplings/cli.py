@@ -180,7 +180,8 @@ def _cmd_eval(args) -> int:
         return 0  # eval.json belongs in run directories; the pretrained/ folder stays as committed
     eval_path = Path(result["checkpoint"]).parent / "eval.json"
     previous = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-    previous[args.split if args.dataset is None else f"{result['dataset']}-{args.split}"] = result
+    key = args.split if args.dataset is None else f"{result['dataset']}-{args.split}"
+    previous[key if args.temperature == 1.0 else f"{key}@T={args.temperature:g}"] = result
     tmp = eval_path.with_name(f".eval.json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(previous, indent=2) + "\n")
     os.replace(tmp, eval_path)
