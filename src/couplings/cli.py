@@ -20,8 +20,8 @@ from couplings.evaluate import NonFiniteLogProbError, dequantize
 from couplings.evaluation import evaluate_checkpoint
 from couplings.hardware import resolve_device
 from couplings.images import save_grid
-from couplings.sampling import interpolate, temperature_sweep
 from couplings.models import MODELS
+from couplings.sampling import interpolate, temperature_sweep
 from couplings.train import TrainingError, train
 
 # Errors that are the user's input or environment, reported as one line without a traceback:
@@ -41,6 +41,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text}")
     return value
 
 
@@ -89,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
     e.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise and the samples")
-    e.add_argument("--samples", type=int, default=10_000, help="samples for the quality metrics (0: skip them)")
+    e.add_argument("--samples", type=_non_negative_int, default=10_000, help="samples for the quality metrics (0: skip them)")
     e.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature for the metrics")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
