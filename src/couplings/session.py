@@ -80,6 +80,33 @@ class Session:
                 group["lr"] = group["base_lr"] * min(1.0, (step + 1) / self.cfg.warmup_steps)
         optimizer.step()
 
+    def run_epoch(self, optimizer, batches, loss_fn, *, step: int, desc: str, postfix) -> tuple[float, int, int]:
+        """One pass over ``batches`` with a progress bar; stops early when out of budget.
+
+        Args:
+            loss_fn: ``idx -> (loss, objective)``; ``objective`` (the loss plus any penalty) is
+                minimised and ``loss`` is averaged for the log.
+            postfix: mean loss so far -> the text shown beside the bar.
+
+        Returns:
+            (mean loss, items seen, optimizer steps taken so far in the run).
+        """
+        total, seen = 0.0, 0
+        bar = tqdm(batches, desc=desc, disable=not self.progress, leave=False)
+        try:
+            for i, idx in enumerate(bar):
+                loss, objective = loss_fn(idx)
+                self.optimizer_step(optimizer, objective, step)
+                step += 1
+                total, seen = total + loss.item() * len(idx), seen + len(idx)
+                if i % 10 == 0:
+                    bar.set_postfix_str(postfix(total / seen))
+                if self.out_of_budget(step):
+                    break
+        finally:
+            bar.close()
+        return total / max(seen, 1), seen, step
+
     def log(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({**record, "elapsed": self.elapsed()}) + "\n")

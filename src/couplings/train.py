@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from couplings import checkpoint, data
 from couplings.config import ConfigError, apply_overrides
-from couplings.evaluate import bits_per_dim, dequantize
+from couplings.evaluate import bits_per_dim, dequantize, nats_to_bits_per_dim
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS
 from couplings.session import Session, TrainingError
@@ -139,22 +138,15 @@ def fit_flow(session: Session) -> None:
         epoch += 1
         model.train()
         batches, generator = session.batches(len(pixels), epoch)
-        epoch_start, total_nll, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not session.progress, leave=False)
-        try:
-            for i, idx in enumerate(bar):
-                x = dequantize(pixels[idx], generator)
-                loss = -model.log_prob(x).mean()
-                penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
-                session.optimizer_step(optimizer, loss + penalty, step)
-                step += 1
-                total_nll, seen = total_nll + loss.item() * len(x), seen + len(x)
-                if i % 10 == 0:
-                    bar.set_postfix(bpd=f"{8 + total_nll / seen / (dim * math.log(2)):.3f}")
-                if session.out_of_budget(step):
-                    break
-        finally:
-            bar.close()
+        def loss_fn(idx, generator=generator):
+            loss = -model.log_prob(dequantize(pixels[idx], generator)).mean()
+            penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
+            return loss, loss + penalty
+
+        epoch_start = time.perf_counter()
+        train_nll, seen, step = session.run_epoch(
+            optimizer, batches, loss_fn, step=step, desc=f"epoch {epoch}/{cfg.epochs}",
+            postfix=lambda nll: f"bpd={nats_to_bits_per_dim(-nll, dim):.3f}")
         seconds = time.perf_counter() - epoch_start
         partial = seen < len(batches) * cfg.batch_size
         val_bpd = bits_per_dim(model, session.val_data[0], batch_size=cfg.eval_batch_size, seed=cfg.seed)
@@ -164,8 +156,8 @@ def fit_flow(session: Session) -> None:
             "epoch": epoch,
             "step": step,
             "partial_epoch": partial,
-            "train_loss": total_nll / max(seen, 1),
-            "train_bpd": 8 + total_nll / max(seen, 1) / (dim * math.log(2)),
+            "train_loss": train_nll,
+            "train_bpd": nats_to_bits_per_dim(-train_nll, dim),
             "val_bpd": val_bpd,
             "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else None,
@@ -174,7 +166,7 @@ def fit_flow(session: Session) -> None:
         session.save_samples(model.sample(cfg.samples_per_epoch), epoch)
         session.save(_flow_fields(optimizer, epoch, step, best, partial), improved)
         session.report(
-            f"epoch {epoch}: train {8 + total_nll / max(seen, 1) / (dim * math.log(2)):.4f} bpd, "
+            f"epoch {epoch}: train {nats_to_bits_per_dim(-train_nll, dim):.4f} bpd, "
             f"val {val_bpd:.4f} bpd{' (best)' if improved else ''}, {seen / seconds:.0f} images/s, {seconds:.1f} s"
         )
 

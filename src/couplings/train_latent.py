@@ -7,7 +7,6 @@ import time
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from couplings.models import LatentRealNVP
 from couplings.session import Session, TrainingError
@@ -29,25 +28,6 @@ def _encode(model: LatentRealNVP, images: Tensor, batch: int = 1000) -> Tensor:
 def _mean_over(fn, n: int, batch: int = 1000) -> float:
     """Mean of a per-batch mean ``fn(start, stop)`` over n items, weighted by batch size."""
     return sum(float(fn(i, min(i + batch, n))) * (min(i + batch, n) - i) for i in range(0, n, batch)) / n
-
-
-def _run_epoch(session: Session, optimizer, batches, loss_fn, desc: str, step: int) -> tuple[float, int, int]:
-    """One pass of ``loss_fn(idx)`` over ``batches``; returns (mean loss, items seen, new step)."""
-    total, seen = 0.0, 0
-    bar = tqdm(batches, desc=desc, disable=not session.progress, leave=False)
-    try:
-        for i, idx in enumerate(bar):
-            loss = loss_fn(idx)
-            session.optimizer_step(optimizer, loss, step)
-            step += 1
-            total, seen = total + loss.item() * len(idx), seen + len(idx)
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{total / seen:.3f}")
-            if session.out_of_budget(step):
-                break
-    finally:
-        bar.close()
-    return total / max(seen, 1), seen, step
 
 
 def fit_latent(session: Session) -> None:
@@ -73,8 +53,9 @@ def fit_latent(session: Session) -> None:
         ae.train()
         batches, _ = session.batches(len(images), ae_epoch)
         started = time.perf_counter()
-        train_bce, seen, step = _run_epoch(session, ae_optimizer, batches,
-                                           lambda idx: ae.loss(images[idx]), f"autoencoder {ae_epoch}/{cfg.ae_epochs}", step)
+        train_bce, seen, step = session.run_epoch(
+            ae_optimizer, batches, lambda idx: (ae.loss(images[idx]),) * 2, step=step,
+            desc=f"autoencoder {ae_epoch}/{cfg.ae_epochs}", postfix=lambda bce: f"BCE={bce:.2f}")
         seconds = time.perf_counter() - started
         ae.eval()
         val_bce = _mean_over(lambda a, b: ae.loss(val_images[a:b]), len(val_images))
@@ -106,8 +87,9 @@ def fit_latent(session: Session) -> None:
         model.flow.train()
         batches, _ = session.batches(len(embeddings), cfg.ae_epochs + epoch)
         started = time.perf_counter()
-        train_nll, seen, step = _run_epoch(session, optimizer, batches,
-                                           lambda idx: nll(embeddings[idx], labels[idx]), f"flow {epoch}/{cfg.epochs}", step)
+        train_nll, seen, step = session.run_epoch(
+            optimizer, batches, lambda idx: (nll(embeddings[idx], labels[idx]),) * 2, step=step,
+            desc=f"flow {epoch}/{cfg.epochs}", postfix=lambda v: f"NLL={v:.3f}")
         seconds = time.perf_counter() - started
         model.eval()
         val_nll = _mean_over(lambda a, b: nll(val_embeddings[a:b], val_labels[a:b]), len(val_embeddings))
