@@ -1,9 +1,10 @@
-"""Training and sampling throughput of NICE (images/s), printed as one JSON line per measurement.
+"""Training and sampling throughput (images/s) of a pixel-space model, one JSON line per measurement.
 
-    python benchmarks/nice_speed.py [--size paper|small] [--device cpu|cuda] [--steps 30]
+    python benchmarks/speed.py                                   # NICE, paper size, batch 200
+    python benchmarks/speed.py --model realnvp --size small --batch-size 64 --steps 5
 
 Training steps are full optimizer steps (forward, backward, Adam) on dequantized random
-images at the paper's batch of 200; sampling draws batches of 1000 under no_grad.
+images, after one warm-up step; sampling draws batches under no_grad.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from couplings.evaluate import dequantize
 from couplings.hardware import describe, resolve_device
-from couplings.models import MODELS, NICE
+from couplings.checkpoint import build_model
+from couplings.models import MODELS
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -33,15 +35,19 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="paper", choices=sorted(MODELS["nice"].presets))
+    parser.add_argument("--model", default="nice", choices=[m for m in MODELS if m != "latent-realnvp"])
+    parser.add_argument("--size", help="a preset of the model (default: its first, the paper's size)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--sample-batch", type=int, default=1000)
     args = parser.parse_args()
 
+    entry = MODELS[args.model]
+    size = args.size or next(iter(entry.presets))
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = NICE(**MODELS["nice"].presets[args.size]).to(device)
+    model = build_model(args.model, vars(entry.config(**entry.presets[size]))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4)
     pixels = torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8, device=device)
 
@@ -51,12 +57,13 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    sample_batch = 1000
+    sample_batch = args.sample_batch
 
     def sample():
+        model.eval()
         model.sample(sample_batch)
 
-    common = {"model": "nice", "size": args.size, "parameters": sum(p.numel() for p in model.parameters()),
+    common = {"model": args.model, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
               "hardware": describe(device)}
     seconds = _timed(train_step, args.steps, device)
     print(json.dumps({**common, "measure": "train_images_per_s", "batch_size": args.batch_size,
