@@ -248,7 +248,7 @@ def _cmd_interpolate(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     chosen = torch.randperm(len(images), generator=generator)[: 2 * args.pairs]
     x = dequantize(torch.as_tensor(images[chosen.numpy()]).unsqueeze(1), generator).to(device)
-    x = x.to(model.prior._anchor.dtype)
+    x = x.to(model.prior.dtype)
     grid = interpolate(model, x[: args.pairs], x[args.pairs :], args.steps)
     save_grid(grid, output, nrow=args.steps)
     print(output)

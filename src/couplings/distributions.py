@@ -22,6 +22,14 @@ class _Prior(nn.Module):
         self.dim = dim
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Draws ``n`` vectors; ``temperature`` scales them (T < 1 gives more typical samples)."""
         if temperature <= 0:

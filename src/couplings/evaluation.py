@@ -28,7 +28,7 @@ def draw_samples(
     """``n`` samples in [0, 1] (CPU) and, for a class-conditional model, the labels they were
     drawn for (0, 1, ..., 9, 0, ...); labels are None for an unconditional model."""
     conditional = getattr(getattr(model, "config", None), "conditional", False)
-    device = model.prior._anchor.device
+    device = model.prior.device
     generator = torch.Generator(device=device).manual_seed(seed)
     labels = torch.arange(n) % model.config.num_classes if conditional else None
     chunks = []
@@ -46,8 +46,8 @@ def draw_samples(
 @torch.no_grad()
 def reconstruction_error(model, images, *, batch_size: int = 1000, seed: int = 0) -> float:
     """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W))."""
-    device = model.prior._anchor.device
-    dtype = model.prior._anchor.dtype
+    device = model.prior.device
+    dtype = model.prior.dtype
     generator = torch.Generator(device=device).manual_seed(seed)
     pixels = torch.as_tensor(images).unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
     model.eval()

@@ -14,7 +14,7 @@ def temperature_sweep(model, temperatures: list[float], n: int, seed: int = 0) -
     (len(temperatures) * n, C, H, W). Lower temperatures give smoother, more typical images."""
     if not temperatures or min(temperatures) <= 0:
         raise ValueError(f"temperatures must be a non-empty list of numbers > 0, found {temperatures}")
-    generator = torch.Generator(device=model.prior._anchor.device).manual_seed(seed)
+    generator = torch.Generator(device=model.prior.device).manual_seed(seed)
     noise = model.prior.sample(n, 1.0, generator)
     return torch.cat([model.inverse(t * noise) for t in temperatures])
 

@@ -116,10 +116,10 @@ class LatentRealNVP(nn.Module):
             return None
         if y is None:
             raise ValueError("this LatentRealNVP is class-conditional: pass labels y of shape (B,)")
-        y = torch.as_tensor(y, device=self.prior._anchor.device).long()
+        y = torch.as_tensor(y, device=self.prior.device).long()
         if y.shape != (n,) or y.min() < 0 or y.max() >= self.config.num_classes:
             raise ValueError(f"expected labels of shape ({n},) in 0..{self.config.num_classes - 1}, found {y.tolist()}")
-        return F.one_hot(y, self.config.num_classes).to(self.prior._anchor.dtype)
+        return F.one_hot(y, self.config.num_classes).to(self.prior.dtype)
 
     def embedding_log_prob(self, e: Tensor, y: Tensor | None = None) -> Tensor:
         """Log-density (nats) of embeddings e (B, embedding_dim)."""
