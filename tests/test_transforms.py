@@ -191,3 +191,16 @@ def test_couplings_start_near_identity():
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))  # tanh factor 0 and a zero last conv
     z, ld = AffineCoupling2d(4, "channel", 0, 8, 1, scale="sigmoid").eval()(x)
     torch.testing.assert_close(z[:, 2:], x[:, 2:] * torch.sigmoid(torch.tensor(2.0)))  # Glow's sigmoid(h + 2)
+
+
+def test_glow_coupling_inverts_in_float32_when_it_contracts_hard():
+    # A trained Glow coupling can reach scale ~1e-5 beside shifts ~10. With x * scale + t the
+    # inverse lost x to rounding (error ~0.01); Glow's (x + t) * scale keeps it to ~1e-6.
+    layer = AffineCoupling2d(4, "channel", 0, 8, 0, scale="sigmoid").eval()
+    with torch.no_grad():
+        layer.net.tail[-1].bias.copy_(torch.tensor([-12.0, -12.0, 10.0, -10.0]))  # (h, h, t, t)
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    z, ld = layer(x)
+    assert ld.max() < -100  # it does contract: scale sigmoid(-10) on half the entries
+    x_back, _ = layer.inverse(z)
+    assert (x_back - x).abs().max() < 1e-4

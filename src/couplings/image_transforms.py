@@ -188,7 +188,10 @@ class AffineCoupling2d(Transform):
     The masked-in part ``x_a`` passes through and a ResNet of it gives ``(h, t)``; the rest
     becomes ``x_b * scale + t``. ``scale="tanh"`` (Real NVP) uses ``log scale = a * tanh(h)``
     with a learned per-channel factor ``a`` initialised at 0; ``scale="sigmoid"`` (Glow) uses
-    ``scale = sigmoid(h + 2)``. The ResNet's last convolution starts at zero.
+    ``scale = sigmoid(h + 2)`` and, as the official Glow code does, shifts before it scales:
+    ``(x_b + t) * scale``. That order keeps the inverse exact in float32 when a trained
+    coupling contracts hard (scale ~1e-5 next to shifts ~10): ``x_b * scale + t`` would round
+    ``x_b * scale`` away against ``t``. The ResNet's last convolution starts at zero.
 
     Args:
         channels: Input channels C.
@@ -230,14 +233,18 @@ class AffineCoupling2d(Transform):
             m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
             log_s, t = self._log_scale_shift(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1))
             log_s, t = log_s * (1 - m), t * (1 - m)  # the masked-in pixels are left as they are
-            out = x * log_s.exp() + t if direction > 0 else (x - t) * (-log_s).exp()
-            return out, direction * _per_sample_sum(log_s)
+            return self._affine(x, log_s, t, direction), direction * _per_sample_sum(log_s)
         a, b = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
         if self.parity:
             a, b = b, a
         log_s, t = self._log_scale_shift(a)
-        b = b * log_s.exp() + t if direction > 0 else (b - t) * (-log_s).exp()
+        b = self._affine(b, log_s, t, direction)
         return torch.cat([b, a] if self.parity else [a, b], 1), direction * _per_sample_sum(log_s)
+
+    def _affine(self, x: Tensor, log_s: Tensor, t: Tensor, direction: int) -> Tensor:
+        if self.scale == "sigmoid":  # Glow: shift, then scale
+            return (x + t) * log_s.exp() if direction > 0 else x * (-log_s).exp() - t
+        return x * log_s.exp() + t if direction > 0 else (x - t) * (-log_s).exp()
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, +1)
