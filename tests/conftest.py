@@ -33,11 +33,9 @@ def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.
     return images, labels
 
 
-@pytest.fixture
-def tiny_dataset(tmp_path, monkeypatch) -> Path:
-    """Registers dataset "tiny" (300 train / 100 test synthetic 28x28 images) and returns
-    the data root, also set as $COUPLINGS_DATA. Checksums are those of the bytes written."""
-    root = tmp_path / "data"
+def write_tiny_dataset(root: Path) -> data.DatasetSpec:
+    """Writes dataset "tiny" (300 train / 100 test synthetic 28x28 images) under ``root`` and
+    returns its spec, whose checksums are those of the bytes written."""
     (root / "tiny").mkdir(parents=True)
     md5 = {}
     for split, n, seed in (("train", 300, 0), ("test", 100, 1)):
@@ -47,6 +45,13 @@ def tiny_dataset(tmp_path, monkeypatch) -> Path:
             raw = idx_bytes(array)
             md5[name] = hashlib.md5(raw).hexdigest()
             (root / "tiny" / f"{name}.gz").write_bytes(gzip.compress(raw))
-    monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec(name="tiny", md5=md5))
+    return data.DatasetSpec(name="tiny", md5=md5)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, monkeypatch) -> Path:
+    """Registers dataset "tiny" and returns the data root, also set as $COUPLINGS_DATA."""
+    root = tmp_path / "data"
+    monkeypatch.setitem(data.DATASETS, "tiny", write_tiny_dataset(root))
     monkeypatch.setenv("COUPLINGS_DATA", str(root))
     return root

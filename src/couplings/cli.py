@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import traceback
 from datetime import datetime
@@ -17,10 +15,11 @@ from couplings.checkpoint import CheckpointError
 from couplings.config import ConfigError, TrainConfig, split_overrides
 from couplings.data import DatasetError
 from couplings.evaluate import NonFiniteLogProbError, dequantize
-from couplings.evaluation import evaluate_checkpoint
+from couplings.evaluation import evaluate_checkpoint, update_eval_file
 from couplings.hardware import resolve_device
 from couplings.images import save_grid
 from couplings.models import MODELS
+from couplings.report import compare
 from couplings.sampling import interpolate, temperature_sweep
 from couplings.train import TrainingError, train
 
@@ -121,6 +120,18 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="picks the test images and their dequantization")
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    c = commands.add_parser("compare", help="evaluate runs side by side; write report.md, report.html and figures")
+    c.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", type=Path, default=Path("report"), help="report directory (default: report)")
+    c.add_argument("--samples", type=_non_negative_int, default=10_000,
+                   help="samples per run for the sample-quality metrics (0: skip them)")
+    c.add_argument("--draws", type=_positive_int, default=3, help="dequantization draws for the bits/dim spread")
+    c.add_argument("--ood-images", type=_positive_int, help="test images per dataset in the out-of-distribution "
+                   "histogram (default: all)")
+    c.add_argument("--ood-dataset", choices=sorted(data.DATASETS),
+                   help="the other dataset of that histogram (default: Fashion-MNIST for MNIST runs, and back)")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
     d = commands.add_parser("data", help="dataset files")
     d_commands = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     f = d_commands.add_parser("fetch", help="download a dataset into the cache and print where it is")
@@ -185,13 +196,9 @@ def _cmd_eval(args) -> int:
         print(f"sample quality skipped: {quality['skipped']}")
     if args.pretrained:
         return 0  # eval.json belongs in run directories; the pretrained/ folder stays as committed
-    eval_path = Path(result["checkpoint"]).parent / "eval.json"
-    previous = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     key = args.split if args.dataset is None else f"{result['dataset']}-{args.split}"
-    previous[key if args.temperature == 1.0 else f"{key}@T={args.temperature:g}"] = result
-    tmp = eval_path.with_name(f".eval.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
-    os.replace(tmp, eval_path)
+    key = key if args.temperature == 1.0 else f"{key}@T={args.temperature:g}"
+    eval_path = update_eval_file(Path(result["checkpoint"]).parent, key, result)
     print(f"wrote {eval_path}", file=sys.stderr)
     return 0
 
@@ -255,6 +262,16 @@ def _cmd_interpolate(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    for run in args.runs:
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"{run} is not a run directory (no config.json); give directories written by 'couplings train'")
+    report = compare(args.runs, args.out, samples=args.samples, draws=args.draws, ood_images=args.ood_images,
+                     ood_dataset=args.ood_dataset, device=resolve_device(args.device), progress=True)
+    print(report.directory / "report.html")
+    return 0
+
+
 def _cmd_data(args) -> int:
     directory = data.fetch(args.name, args.root)
     print(directory)
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
-                "data": _cmd_data}
+                "compare": _cmd_compare, "data": _cmd_data}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

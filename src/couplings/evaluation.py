@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,7 +18,7 @@ from couplings.evaluate import dequantize, log_probs, nats_to_bits_per_dim
 from couplings.hardware import describe
 from couplings.models import MODELS
 
-__all__ = ["NO_PIXEL_BPD", "draw_samples", "evaluate_checkpoint", "reconstruction_error"]
+__all__ = ["NO_PIXEL_BPD", "draw_samples", "evaluate_checkpoint", "reconstruction_error", "update_eval_file"]
 
 NO_PIXEL_BPD = "latent density: no pixel bits/dim"
 
@@ -136,3 +138,14 @@ def evaluate_checkpoint(
     result["seconds"] = time.perf_counter() - started
     result["hardware"] = describe(torch.device(device))
     return result
+
+
+def update_eval_file(run_dir: str | os.PathLike, key: str, result: dict) -> Path:
+    """Sets ``eval.json[key] = result`` in a run directory, keeping the other entries; atomic."""
+    path = Path(run_dir) / "eval.json"
+    entries = json.loads(path.read_text()) if path.is_file() else {}
+    entries[key] = result
+    tmp = path.with_name(f".eval.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(entries, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,179 @@
+"""`couplings compare`: the report's table against eval.json, seeds aggregated, cells that do not
+apply, and the HTML as a real browser renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tiny_dataset
+from couplings import data
+from couplings import report as report_module
+from couplings.cli import main
+from couplings.evaluation import NO_PIXEL_BPD
+from couplings.report import HEADERS, RunSummary, table
+
+ARTIFACTS = Path(os.environ.get("COUPLINGS_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+COMMON = ["--dataset", "tiny", "--set", "val_size=50", "--set", "samples_per_epoch=4", "--device", "cpu", "--quiet"]
+
+
+def _train_tiny_runs(root: Path) -> list[Path]:
+    """Two seeds of a tiny NICE and one tiny Real NVP."""
+    runs = []
+    for seed in (0, 1):
+        runs.append(root / f"nice-seed{seed}")
+        assert main(["train", "nice", "--out", str(runs[-1]), "--set", "size=small", "--set", "hidden_units=16",
+                     "--batch-size", "50", "--max-steps", "4", "--seed", str(seed), *COMMON]) == 0
+    runs.append(root / "realnvp")
+    assert main(["train", "realnvp", "--out", str(runs[-1]), "--set", "size=small", "--set", "hidden=4",
+                 "--batch-size", "16", "--max-steps", "2", *COMMON]) == 0
+    return runs
+
+
+class _Tables(HTMLParser):
+    """Collects every <table id=...> of an HTML page as rows of cell texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table = self._row = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._table = self.tables.setdefault(dict(attrs).get("id", ""), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, text):
+        if self._cell is not None:
+            self._cell.append(text)
+
+
+def _compare(runs, out) -> int:
+    return main(["compare", *map(str, runs), "--out", str(out), "--samples", "16", "--draws", "2",
+                 "--ood-dataset", "tiny", "--device", "cpu"])
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory):
+    """One report from three tiny runs, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(data.DATASETS, "tiny", write_tiny_dataset(root / "data"))
+        monkeypatch.setenv("COUPLINGS_DATA", str(root / "data"))
+        runs = _train_tiny_runs(root)
+        assert _compare(runs, root / "report") == 0
+        yield runs, root / "report"
+
+
+def test_report_table_matches_eval_json(built_report, monkeypatch):
+    runs, out = built_report
+    for name in ("report.md", "report.html", "curves.png", "ood.png", "samples-2-realnvp.png",
+                 "interpolation-2-realnvp.png"):
+        assert (out / name).is_file(), name
+    parser = _Tables()
+    parser.feed((out / "report.html").read_text())
+    header, *rows = parser.tables["results"]
+    assert header == HEADERS and len(rows) == 2  # the two NICE seeds share a row
+    cells = [dict(zip(header, row)) for row in rows]
+    evals = [json.loads((run / "eval.json").read_text())["test"] for run in runs]
+    for entry in evals:
+        assert len(entry["bits_per_dim_draws"]) == 2 and entry["bits_per_dim_draws"][0] == entry["bits_per_dim"]
+
+    nice, realnvp = cells
+    assert realnvp["test bits/dim"] == f"{evals[2]['bits_per_dim']:.3f}"
+    assert realnvp["test log-likelihood (nats)"] == f"{evals[2]['log_likelihood_nats']:.1f}"
+    assert realnvp["parameters"] == f"{evals[2]['parameters']:,}"
+    assert realnvp["bits/dim std over dequantization draws"] == f"{statistics.stdev(evals[2]['bits_per_dim_draws']):.4f}"
+    seeds = [e["bits_per_dim"] for e in evals[:2]]
+    assert nice["test bits/dim"] == f"{statistics.mean(seeds):.3f} ± {statistics.stdev(seeds):.3f}"
+    assert "2 seeds: 0, 1" in nice["run"]
+    # No classifier exists for the synthetic dataset: the cells say so instead of showing a number.
+    assert realnvp["FID"] == "skipped: no feature classifier for tiny"
+    assert float(realnvp["sampling s / 64 images"]) > 0 and float(realnvp["inference s / 64 images"]) > 0
+    assert [row[0] for row in parser.tables["anchors"][1:3]] == ["NICE", "MAF (5)"]
+    markdown = (out / "report.md").read_text()
+    assert realnvp["test bits/dim"] in markdown and "(curves.png)" in markdown
+
+    # A second compare reuses the current eval.json entries instead of evaluating again.
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluate_checkpoint should not run for a current eval.json")
+
+    monkeypatch.setattr(report_module, "evaluate_checkpoint", refuse)
+    assert _compare(runs[:2], out.parent / "report-again") == 0
+
+
+def test_cells_that_do_not_apply_say_why(tmp_path):
+    latent = RunSummary(
+        name="latent", path=tmp_path, history=[{"stage": "autoencoder", "epoch": 2, "elapsed": 60.0},
+                                               {"stage": "flow", "epoch": 3, "elapsed": 120.0}],
+        config={"model": "latent-realnvp", "model_config": {"conditional": True}, "train": {"seed": 0}},
+        result={"model": "latent-realnvp", "dataset": "mnist", "parameters": 10, "bits_per_dim": None,
+                "sample_quality": {"fid": 1.0, "kid": 2.0, "conditional_accuracy": 0.9, "nearest_train_l2": 3.0}},
+        seconds_per_64={"sampling": 0.1, "inference": 0.2},
+    )
+    row = dict(zip(HEADERS, table([latent])[0]))
+    assert row["test bits/dim"] == row["bits/dim std over dequantization draws"] == NO_PIXEL_BPD
+    assert row["epochs"] == "autoencoder 2, flow 3" and row["training wall-clock"] == "2.0 min"
+    assert row["conditional accuracy"] == "0.900"
+    latent.result["sample_quality"] = {"fid": 1.0, "kid": 2.0, "nearest_train_l2": 3.0}
+    assert dict(zip(HEADERS, table([latent])[0]))["conditional accuracy"] == "unconditional model"
+    del latent.result["sample_quality"]
+    assert dict(zip(HEADERS, table([latent])[0]))["FID"] == "not computed (--samples 0)"
+
+
+def test_compare_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "report")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def _browser():
+    """Headless Debian chromium through selenium and chromedriver, or None if they are missing."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        return None
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_report_renders_in_a_real_browser(built_report):
+    _, out = built_report
+    browser = _browser()
+    if browser is None:
+        if os.environ.get("COUPLINGS_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (COUPLINGS_REQUIRE_BROWSER is set)")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    try:
+        browser.get((out / "report.html").resolve().as_uri())
+        widths = browser.execute_script(
+            "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);")
+        rows = browser.execute_script("return document.querySelectorAll('table#results tbody tr').length;")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        browser.quit()
+    assert len(widths) >= 5 and all(w > 0 for w in widths), widths  # curves, 2 sample grids, 1 strip, ood
+    assert rows == 2
