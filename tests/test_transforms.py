@@ -60,6 +60,7 @@ IMAGE_LAYERS = {
     "coupling-checkerboard-odd": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
     "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),
     "coupling-channel-sigmoid": (lambda: AffineCoupling2d(4, "channel", 1, 4, 0, scale="sigmoid").eval(), (4, 2, 2)),
+    "coupling-sigmoid-min-scale": (lambda: AffineCoupling2d(4, "channel", 0, 4, 0, "sigmoid", 0.1).eval(), (4, 2, 2)),
     "glow-step": (lambda: Composite([_initialized(ActNorm(4), (4, 2, 2)), InvConv1x1(4),
                                      AffineCoupling2d(4, "channel", 0, 4, 0, scale="sigmoid")]).eval(), (4, 2, 2)),
 }
@@ -204,3 +205,15 @@ def test_glow_coupling_inverts_in_float32_when_it_contracts_hard():
     assert ld.max() < -100  # it does contract: scale sigmoid(-10) on half the entries
     x_back, _ = layer.inverse(z)
     assert (x_back - x).abs().max() < 1e-4
+
+
+def test_min_scale_bounds_the_glow_scale():
+    layer = AffineCoupling2d(4, "channel", 0, 8, 0, scale="sigmoid", min_scale=0.1).eval()
+    with torch.no_grad():
+        layer.net.tail[-1].bias.copy_(torch.tensor([-40.0, 40.0, 0.0, 0.0]))  # h far below and above 0
+    x = torch.ones(1, 4, 1, 1)
+    z, ld = layer(x)
+    torch.testing.assert_close(z[0, 2:, 0, 0], torch.tensor([0.1, 1.0]))
+    torch.testing.assert_close(ld, torch.log(torch.tensor([0.1])))
+    with pytest.raises(ValueError, match="min_scale"):
+        AffineCoupling2d(4, "channel", 0, 8, 0, scale="tanh", min_scale=0.1)

@@ -193,6 +193,11 @@ class AffineCoupling2d(Transform):
     coupling contracts hard (scale ~1e-5 next to shifts ~10): ``x_b * scale + t`` would round
     ``x_b * scale`` away against ``t``. The ResNet's last convolution starts at zero.
 
+    ``min_scale`` (sigmoid only) bounds the scale below: ``min_scale + (1 - min_scale) *
+    sigmoid(h + 2)``. With 0 (the paper's form) a trained Glow can contract a pixel by 1e-5, and
+    the float32 rounding of the layers after it then costs the inverse up to 1e-5 / 1e-5 ~ 1:
+    the map is invertible on paper but not in float32. A bound caps that amplification per layer.
+
     Args:
         channels: Input channels C.
         mask: "checkerboard" (spatial, all channels) or "channel" (first or second half of C).
@@ -203,8 +208,12 @@ class AffineCoupling2d(Transform):
         Dinh et al., Real NVP, 2017; Kingma and Dhariwal, Glow, 2018.
     """
 
-    def __init__(self, channels: int, mask: str, parity: int, hidden: int, blocks: int, scale: str = "tanh"):
+    def __init__(self, channels: int, mask: str, parity: int, hidden: int, blocks: int, scale: str = "tanh",
+                 min_scale: float = 0.0):
         super().__init__()
+        if not 0 <= min_scale < 1 or (min_scale and scale != "sigmoid"):
+            raise ValueError(f"min_scale must be in [0, 1), and only with scale='sigmoid'; found {min_scale}")
+        self.min_scale = min_scale
         if mask not in ("checkerboard", "channel"):
             raise ValueError(f"mask must be 'checkerboard' or 'channel', found {mask!r}")
         if scale not in ("tanh", "sigmoid"):
@@ -224,6 +233,8 @@ class AffineCoupling2d(Transform):
         h, t = self.net(x_a).chunk(2, dim=1)
         if self.scale == "tanh":
             return self.tanh_factor * torch.tanh(h), t
+        if self.min_scale:
+            return torch.log(torch.lerp(torch.full_like(h, self.min_scale), torch.ones_like(h), torch.sigmoid(h + 2.0))), t
         return F.logsigmoid(h + 2.0), t
 
     def _couple(self, x: Tensor, direction: int) -> tuple[Tensor, Tensor]:
