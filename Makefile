@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_MINUTES ?= 5
-DEMO_RUN := runs/demo-nice
+DEMO_MINUTES ?= 3
+DEMO := runs/demo
+PAPER := runs/paper
 
-.PHONY: install demo test bench clean
+.PHONY: install demo paper test bench clean
 
 # The constraints file pins torch 2.13.0 (a local CPU build here); the package itself asks for torch>=2.2.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -15,14 +16,31 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Fetch MNIST, train a small NICE for DEMO_MINUTES on CPU, evaluate it on the test set, draw samples.
+# Every model with a short CPU budget (DEMO_MINUTES each for NICE, Real NVP and Glow at their
+# small sizes; LatentRealNVP with 3 autoencoder and 8 flow epochs), then the comparison report
+# in $(DEMO)/report/report.html. About 20 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/couplings data fetch mnist
-	rm -rf $(DEMO_RUN)
-	$(BIN)/couplings train nice --set size=small --device cpu --max-minutes $(DEMO_MINUTES) --out $(DEMO_RUN)
-	$(BIN)/couplings eval $(DEMO_RUN) --device cpu
-	$(BIN)/couplings sample $(DEMO_RUN) -n 64 --temperature 1.0 --device cpu -o $(DEMO_RUN)/samples.png
-	@echo "demo done: test bits/dim in $(DEMO_RUN)/eval.json, samples in $(DEMO_RUN)/samples.png"
+	$(BIN)/couplings data fetch fashion-mnist
+	rm -rf $(DEMO)
+	for model in nice realnvp glow; do \
+	  $(BIN)/couplings train $$model --set size=small --device cpu --max-minutes $(DEMO_MINUTES) \
+	    --out $(DEMO)/$$model-small --quiet || exit 1; \
+	done
+	$(BIN)/couplings train latent-realnvp --set ae_epochs=3 --epochs 8 --device cpu --out $(DEMO)/latent-realnvp --quiet
+	$(BIN)/couplings compare $(DEMO)/nice-small $(DEMO)/latent-realnvp $(DEMO)/realnvp-small $(DEMO)/glow-small \
+	  --out $(DEMO)/report --samples 2000 --ood-images 2000 --device cpu
+	@echo "demo done: open $(DEMO)/report/report.html (or read $(DEMO)/report/report.md)"
+
+# The full recipes (paper sizes, no time budget): meant for a GPU; on CPU this takes days.
+paper: install
+	$(BIN)/couplings data fetch mnist
+	$(BIN)/couplings data fetch fashion-mnist
+	$(BIN)/couplings train nice --out $(PAPER)/nice --quiet
+	$(BIN)/couplings train latent-realnvp --out $(PAPER)/latent-realnvp --quiet
+	$(BIN)/couplings train realnvp --out $(PAPER)/realnvp --quiet
+	$(BIN)/couplings train glow --out $(PAPER)/glow --quiet
+	$(BIN)/couplings compare $(PAPER)/nice $(PAPER)/latent-realnvp $(PAPER)/realnvp $(PAPER)/glow --out $(PAPER)/report
 
 test: install
 	$(BIN)/python -m pytest -q
