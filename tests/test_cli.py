@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -150,3 +151,11 @@ def test_pretrained_export_and_use(run_dir, tmp_path, monkeypatch, capsys):
     assert "no pretrained model 'nope'" in _error_line(capsys) and not (tmp_path / "q.png").exists()
     assert main(["sample", str(run_dir), "--pretrained", "nice-tiny", "-o", str(tmp_path / "q.png")]) == 2
     assert "either RUN_DIR_OR_CHECKPOINT or --pretrained" in _error_line(capsys)
+
+
+def test_resume_recreates_a_missing_samples_directory(run_dir):
+    # A run directory copied without its samples/ folder once crashed the resumed run at the
+    # end of its first epoch, before that epoch's checkpoint was written.
+    shutil.rmtree(run_dir / "samples")
+    assert _train(run_dir, "--resume", "--max-steps", "7") == 0
+    assert checkpoint.load(run_dir / "last.pt")["step"] == 7 and any((run_dir / "samples").iterdir())

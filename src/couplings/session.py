@@ -125,7 +125,9 @@ class Session:
             checkpoint.save(payload, self.out / "best.pt")
 
     def save_samples(self, images: torch.Tensor, epoch: int, nrow: int = 8) -> None:
-        save_grid(images, self.out / "samples" / f"epoch_{epoch:04d}.png", nrow=nrow)
+        directory = self.out / "samples"
+        directory.mkdir(exist_ok=True)  # a run directory copied without it must not crash the run
+        save_grid(images, directory / f"epoch_{epoch:04d}.png", nrow=nrow)
 
     def report(self, text: str) -> None:
         if self.progress:
