@@ -1,0 +1,97 @@
+"""benchmarks/peer.py: couplings and normflows models of equal size, timed side by side."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from couplings.evaluate import dequantize
+
+pytest.importorskip("normflows")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peer.py"
+_spec = importlib.util.spec_from_file_location("peer_benchmark", SCRIPT)
+peer = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = peer  # dataclasses look their module up there
+_spec.loader.exec_module(peer)
+
+ROW_KEYS = {"arch", "mode", "images", "couplings_images_per_s", "normflows_images_per_s", "ratio",
+            "couplings_parameters", "normflows_parameters"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: more threads only add synchronisation, which a busy machine makes very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(n: int = 4) -> torch.Tensor:
+    pixels = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return dequantize(pixels, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", peer.ARCHS)
+def test_both_models_are_of_equal_size_and_score_the_same_batch(arch):
+    x = _batch()
+    pair = peer.build(arch)  # the default small size, as the benchmark runs it
+    ours, theirs = pair["couplings"].parameters, pair["normflows"].parameters
+    assert max(ours, theirs) / min(ours, theirs) <= 1.5, (ours, theirs)
+    for contender in pair.values():
+        log_prob = contender.log_prob(x)
+        assert log_prob.shape == (4,) and torch.isfinite(log_prob).all()
+    assert torch.equal(x, _batch()), "a model changed its input in place"
+
+
+def test_nice_pair_is_the_same_function_given_the_same_weights():
+    """The odd/even splits line up: with couplings' weights copied over (normflows subtracts the
+    shift from data to noise, so the last layer is negated), both log-densities agree."""
+    pair = peer.build("nice", hidden=16)
+    ours, theirs = pair["couplings"].model, pair["normflows"].model
+    *couplings, scaling = ours.flow.transforms
+    blocks = list(theirs.flows)[:0:-1]  # noise-to-data order, scaling first
+    with torch.no_grad():
+        for layer, block in zip(couplings, blocks, strict=True):
+            src = [m for m in layer.shift if isinstance(m, torch.nn.Linear)]
+            dst = [m for m in block.flows[1].param_map.net if isinstance(m, torch.nn.Linear)]
+            for i, (a, b) in enumerate(zip(src, dst, strict=True)):
+                sign = -1.0 if i == len(src) - 1 else 1.0
+                b.weight.copy_(sign * a.weight)
+                b.bias.copy_(sign * a.bias)
+        scaling.log_scale.normal_(0, 0.1)
+        theirs.flows[0].s.copy_(-scaling.log_scale)  # normflows scales by exp(-s) from data to noise
+    x = _batch()
+    torch.testing.assert_close(pair["couplings"].log_prob(x), pair["normflows"].log_prob(x), rtol=1e-5, atol=1e-3)
+
+
+def test_benchmark_reports_positive_throughputs_for_every_arch_and_mode():
+    report = peer.benchmark(steps=1, batch_size=4, sample_batch=4, hidden=16, threads=1)
+    assert {"hardware", "torch", "normflows", "batch_size", "results"} <= set(report)
+    assert report["hardware"].startswith("CPU") and report["batch_size"] == 4 and report["threads"] == 1
+    assert [(r["arch"], r["mode"]) for r in report["results"]] == [
+        (arch, mode) for arch in peer.ARCHS for mode in ("train", "sample")]
+    for row in report["results"]:
+        assert set(row) == ROW_KEYS
+        assert row["couplings_images_per_s"] > 0 and row["normflows_images_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["couplings_images_per_s"] / row["normflows_images_per_s"], rel=0.01)
+    json.dumps(report)
+
+
+def test_main_prints_one_json_object(capsys):
+    peer.main(["--arch", "nice", "--mode", "sample", "--steps", "1", "--batch-size", "4", "--sample-batch", "4",
+               "--hidden", "16", "--threads", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["arch"], r["mode"]) for r in report["results"]] == [("nice", "sample")]
+
+
+def test_a_missing_normflows_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "normflows", None)  # makes `import normflows` fail
+    with pytest.raises(ImportError, match="pip install normflows: a benchmark-only dependency"):
+        peer.build("nice")
