@@ -45,7 +45,9 @@ paper: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Side by side with normflows on matched architectures (one JSON object), then our own throughput.
 bench: install
+	$(BIN)/python benchmarks/peer.py
 	$(BIN)/python benchmarks/speed.py
 
 clean:
