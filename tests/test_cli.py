@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from couplings import checkpoint
+from couplings import checkpoint, data
 from couplings.cli import main
 
 TINY = ["--dataset", "tiny", "--set", "size=small", "--set", "hidden_units=32", "--set", "val_size=50",
@@ -159,3 +161,29 @@ def test_resume_recreates_a_missing_samples_directory(run_dir):
     shutil.rmtree(run_dir / "samples")
     assert _train(run_dir, "--resume", "--max-steps", "7") == 0
     assert checkpoint.load(run_dir / "last.pt")["step"] == 7 and any((run_dir / "samples").iterdir())
+
+
+def test_sigterm_stops_after_the_current_step_and_checkpoints(tiny_dataset, tmp_path):
+    script = (
+        "import json, sys\n"
+        "from couplings import data\n"
+        "from couplings.cli import main\n"
+        "data.DATASETS['tiny'] = data.DatasetSpec(name='tiny', md5=json.loads(sys.argv[1]))\n"
+        "sys.exit(main(sys.argv[2:]))\n"
+    )
+    out = tmp_path / "run"
+    argv = [sys.executable, "-c", script, json.dumps(data.DATASETS["tiny"].md5),
+            "train", "nice", "--out", str(out), *TINY, "--epochs", "100000"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)  # inherits $COUPLINGS_DATA
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists():  # the first epoch is done: training is under way
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    state = checkpoint.load(out / "last.pt")
+    last_line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_line["step"] == state["step"] > 0  # the stopped epoch was logged and checkpointed
+    assert _train(out, "--resume", "--max-steps", str(state["step"] + 2)) == 0

@@ -21,7 +21,7 @@ from couplings.images import save_grid
 from couplings.models import MODELS
 from couplings.report import compare
 from couplings.sampling import interpolate, temperature_sweep
-from couplings.train import TrainingError, train
+from couplings.train import StoppedBySignal, TrainingError, train
 
 # Errors that are the user's input or environment, reported as one line without a traceback:
 # usage errors exit with 2, runtime errors with 1.
@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": _cmd_compare, "data": _cmd_data}
     try:
         return commands[args.command](args)
+    except StoppedBySignal as e:
+        print(f"couplings: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("error: interrupted; the last completed epoch is in last.pt (continue with --resume)", file=sys.stderr)
         return 130

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +19,19 @@ from couplings import checkpoint
 from couplings.config import ConfigError, TrainConfig
 from couplings.images import save_grid
 
-__all__ = ["Session", "TrainingError"]
+__all__ = ["Session", "StoppedBySignal", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot start or cannot go on (bad run directory, non-finite loss)."""
+
+
+class StoppedBySignal(Exception):
+    """SIGINT or SIGTERM stopped training after the current step; the run was checkpointed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -44,6 +55,7 @@ class Session:
     progress: bool
     started: float = field(default_factory=time.perf_counter)  # perf_counter() at elapsed = 0
     budget_start: float = field(default_factory=time.perf_counter)  # max_minutes counts this invocation
+    stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after the current step
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -51,7 +63,34 @@ class Session:
     def out_of_budget(self, step: int) -> bool:
         over_steps = self.cfg.max_steps is not None and step >= self.cfg.max_steps
         over_time = self.cfg.max_minutes is not None and time.perf_counter() - self.budget_start >= 60 * self.cfg.max_minutes
-        return over_steps or over_time
+        return over_steps or over_time or self.stop_signal is not None
+
+    @contextmanager
+    def stop_on_signals(self):
+        """While active, SIGINT and SIGTERM end training like a spent budget: the current step
+        finishes, the (partial) epoch is validated and checkpointed, and `StoppedBySignal` is
+        raised on exit. A second signal interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            self.report(f"{signal.Signals(signum).name}: stopping after the current step (again to abort)")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            saved = (f"the run is checkpointed in {self.out / 'last.pt'} (continue with --resume)"
+                     if (self.out / "last.pt").is_file() else "no checkpoint had been written yet")
+            raise StoppedBySignal(f"stopped by {name}; {saved}", self.stop_signal)
 
     def batches(self, n: int, epoch: int):
         """Index tensors of full batches of a per-(seed, epoch) permutation, and its generator."""

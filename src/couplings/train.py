@@ -17,10 +17,10 @@ from couplings.config import ConfigError, apply_overrides
 from couplings.evaluate import bits_per_dim, dequantize, nats_to_bits_per_dim
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS
-from couplings.session import Session, TrainingError
+from couplings.session import Session, StoppedBySignal, TrainingError
 from couplings.train_latent import fit_latent
 
-__all__ = ["TrainingError", "fit_flow", "train"]
+__all__ = ["StoppedBySignal", "TrainingError", "fit_flow", "train"]
 
 # Options that may change when a run is resumed; the rest define the run and stay fixed.
 RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes")
@@ -83,6 +83,7 @@ def train(
 
     Training stops after ``epochs`` epochs, or earlier at ``max_steps`` optimizer steps or
     ``max_minutes`` of wall-clock; a stopped epoch is validated and checkpointed like a full one.
+    SIGINT and SIGTERM stop it the same way and then raise `StoppedBySignal`.
     """
     if model_name not in MODELS:
         raise ConfigError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
@@ -116,7 +117,8 @@ def train(
     session = Session(out, run, cfg, model, dev, state, train_data, val_data, progress)
     session.started -= state["elapsed"] if state is not None else 0.0
     fit = TRAINERS.get(model_name, fit_flow)
-    fit(session)
+    with session.stop_on_signals():
+        fit(session)
     return out
 
 
