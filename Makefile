@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 # Every model with a short CPU budget (DEMO_MINUTES each for NICE, Real NVP and Glow at their
 # small sizes; LatentRealNVP with 3 autoencoder and 8 flow epochs), then the comparison report
-# in $(DEMO)/report/report.html. About 20 minutes on 2 CPU cores.
+# in $(DEMO)/report/report.html. About 20 minutes on 2 CPU cores (an estimate).
 demo: install
 	$(BIN)/couplings data fetch mnist
 	$(BIN)/couplings data fetch fashion-mnist
