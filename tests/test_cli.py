@@ -49,7 +49,9 @@ def test_train_writes_a_complete_run_directory(run_dir):
         assert lines[0][key] > 0
     assert (run_dir / "samples" / "epoch_0001.png").stat().st_size > 0
     state = checkpoint.load(run_dir / "last.pt")
-    assert state["step"] == 5 and "optimizer_state" in state and "rng_state" in state
+    assert state["step"] == 5 and "optimizer_state" in state
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert state["epoch"] == 0 and state["pass"]["index"] == 1 and state["pass"]["next"] == 5  # stopped inside epoch 1
 
 
 def test_eval_and_sample_on_the_trained_run(run_dir, tmp_path, capsys):
@@ -176,7 +178,7 @@ def test_sigterm_stops_after_the_current_step_and_checkpoints(tiny_dataset, tmp_
             "train", "nice", "--out", str(out), *TINY, "--epochs", "100000"]
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)  # inherits $COUPLINGS_DATA
     deadline = time.monotonic() + 120
-    while not (out / "last.pt").exists():  # the first epoch is done: training is under way
+    while not (out / "metrics.jsonl").exists():  # the first epoch is done: training is under way
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)

@@ -25,7 +25,8 @@ __all__ = [
 # Committed weights live in the repository's pretrained/ folder ($COUPLINGS_PRETRAINED overrides it).
 PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
 
-FORMAT_VERSION = 1
+# 2: every RNG state ("rng") and the position inside an interrupted epoch ("pass").
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "model", "model_config", "model_state")
 
 

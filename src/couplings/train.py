@@ -17,13 +17,14 @@ from couplings.config import ConfigError, apply_overrides
 from couplings.evaluate import bits_per_dim, dequantize, nats_to_bits_per_dim
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS
-from couplings.session import Session, StoppedBySignal, TrainingError
+from couplings.session import NumericalFault, Session, StoppedBySignal, TrainingError, set_rng_states
 from couplings.train_latent import fit_latent
 
 __all__ = ["StoppedBySignal", "TrainingError", "fit_flow", "train"]
 
 # Options that may change when a run is resumed; the rest define the run and stay fixed.
-RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes")
+RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes", "checkpoint_every", "max_bad_steps", "max_rollbacks",
+                     "rollback_lr_factor")
 
 
 def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict, train_overrides: dict) -> dict:
@@ -78,12 +79,18 @@ def train(
     """Trains ``model_name`` into run directory ``out`` and returns ``out``.
 
     The run directory holds ``config.json``, ``last.pt`` and ``best.pt`` (model, optimizer,
-    epoch, step, RNG state; ``best.pt`` has the best validation score so far),
-    ``metrics.jsonl`` (a line per epoch) and ``samples/epoch_NNNN.png``.
+    epoch, step, position inside the epoch, every RNG state; ``best.pt`` has the best
+    validation score so far), ``metrics.jsonl`` (a line per epoch) and ``samples/epoch_NNNN.png``.
+    ``last.pt`` is written at step 0, after every epoch and every ``checkpoint_every`` steps;
+    ``resume=True`` continues from it exactly, mid-epoch included.
 
     Training stops after ``epochs`` epochs, or earlier at ``max_steps`` optimizer steps or
     ``max_minutes`` of wall-clock; a stopped epoch is validated and checkpointed like a full one.
     SIGINT and SIGTERM stop it the same way and then raise `StoppedBySignal`.
+
+    A step whose loss or gradient is not finite is skipped; after ``max_bad_steps`` in a row,
+    training rolls back to ``last.pt`` with the learning rate times ``rollback_lr_factor``
+    (at most ``max_rollbacks`` times) and then raises `TrainingError` naming the step and layer.
     """
     if model_name not in MODELS:
         raise ConfigError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
@@ -108,74 +115,90 @@ def train(
     model.to(dev)
     if state is not None:
         model.load_state_dict(state["model_state"])
-        torch.set_rng_state(state["rng_state"])
+        if "rng" in state:
+            set_rng_states(state["rng"])
+        else:  # format 1 kept torch's CPU state only
+            torch.set_rng_state(state["rng_state"])
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
     run["hardware"] = describe(dev)
     (out / "config.json").write_text(json.dumps(run, indent=2) + "\n")
     session = Session(out, run, cfg, model, dev, state, train_data, val_data, progress)
-    session.started -= state["elapsed"] if state is not None else 0.0
+    if state is not None:
+        session.started -= state["elapsed"]
+        session.lr_scale, session.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
+        session.forget_log_after(state["step"])
+    else:
+        session.save({"epoch": 0, "step": 0}, improved=False)  # something to resume or roll back to at once
     fit = TRAINERS.get(model_name, fit_flow)
     with session.stop_on_signals():
-        fit(session)
+        while True:
+            try:
+                fit(session)
+                break
+            except NumericalFault as fault:
+                session.roll_back(fault)  # continues from last.pt with a lower learning rate, or raises
     return out
 
 
 def fit_flow(session: Session) -> None:
-    """Maximum likelihood on dequantized pixels, validated in bits/dim after every epoch."""
-    model, cfg, dev = session.model, session.cfg, session.device
+    """Maximum likelihood on dequantized pixels, validated in bits/dim after every epoch.
+
+    A checkpoint's ``epoch`` counts completed epochs; one that stopped inside an epoch also
+    holds that pass's position, and the next start continues it from the next batch.
+    """
+    model, cfg, dev, state = session.model, session.cfg, session.device, session.state or {}
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    epoch, step, best = 0, 0, math.inf
-    if session.state is not None:
-        optimizer.load_state_dict(session.state["optimizer_state"])
-        epoch, step, best = session.state["epoch"], session.state["step"], session.state["best_val_bpd"]
+    if "optimizer_state" in state:
+        optimizer.load_state_dict(state["optimizer_state"])
+    epoch, step, best = state.get("epoch", 0), state.get("step", 0), state.get("best_val_bpd", math.inf)
     # Weight-norm scales ("g"), the only weights Real NVP's L2 penalty applies to.
     wn_scales = [p for name, p in model.named_parameters() if name.endswith("parametrizations.weight.original0")]
     wn_scales = wn_scales if cfg.wn_l2 > 0 else []
     pixels = torch.as_tensor(session.train_data[0]).unsqueeze(1).to(dev)  # (N, H, W) -> (N, 1, H, W)
     dim = math.prod(pixels.shape[1:])
 
-    while epoch < cfg.epochs and not session.out_of_budget(step):
-        epoch += 1
-        model.train()
-        batches, generator = session.batches(len(pixels), epoch)
-        def loss_fn(idx, generator=generator):
-            loss = -model.log_prob(dequantize(pixels[idx], generator)).mean()
-            penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
-            return loss, loss + penalty
+    def loss_fn(idx, generator):
+        loss = -model.log_prob(dequantize(pixels[idx], generator)).mean()
+        penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
+        return loss, loss + penalty
 
+    def fields(step):
+        return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "step": step, "best_val_bpd": best}
+
+    while epoch < cfg.epochs and not session.out_of_budget(step):
+        model.train()
+        this = session.start_pass(len(pixels), epoch + 1)
         epoch_start = time.perf_counter()
         train_nll, seen, step = session.run_epoch(
-            optimizer, batches, loss_fn, step=step, desc=f"epoch {epoch}/{cfg.epochs}",
-            postfix=lambda nll: f"bpd={nats_to_bits_per_dim(-nll, dim):.3f}")
+            optimizer, this, loss_fn, step=step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            postfix=lambda nll: f"bpd={nats_to_bits_per_dim(-nll, dim):.3f}", fields=fields)
         seconds = time.perf_counter() - epoch_start
-        partial = seen < len(batches) * cfg.batch_size
+        epoch += this.complete
         val_bpd = bits_per_dim(model, session.val_data[0], batch_size=cfg.eval_batch_size, seed=cfg.seed)
         improved = val_bpd < best
         best = min(best, val_bpd)
         session.log({
-            "epoch": epoch,
+            "epoch": this.index,
             "step": step,
-            "partial_epoch": partial,
+            "partial_epoch": not this.complete,
             "train_loss": train_nll,
             "train_bpd": nats_to_bits_per_dim(-train_nll, dim),
             "val_bpd": val_bpd,
             "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else None,
+            "skipped_steps": this.skipped,
+            "rollbacks": session.rollbacks,
+            "lr_scale": session.lr_scale,
         })
         model.eval()
-        session.save_samples(model.sample(cfg.samples_per_epoch), epoch)
-        session.save(_flow_fields(optimizer, epoch, step, best, partial), improved)
+        session.save_samples(model.sample(cfg.samples_per_epoch), this.index)
+        session.save({**fields(step), **({} if this.complete else this.position())}, improved)
         session.report(
-            f"epoch {epoch}: train {nats_to_bits_per_dim(-train_nll, dim):.4f} bpd, "
+            f"epoch {this.index}: train {nats_to_bits_per_dim(-train_nll, dim):.4f} bpd, "
             f"val {val_bpd:.4f} bpd{' (best)' if improved else ''}, {seen / seconds:.0f} images/s, {seconds:.1f} s"
         )
-
-
-def _flow_fields(optimizer, epoch: int, step: int, best: float, partial: bool) -> dict:
-    return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "step": step,
-            "best_val_bpd": best, "partial_epoch": partial}
 
 
 # Models whose training is not plain maximum likelihood on pixels.

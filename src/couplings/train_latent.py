@@ -34,7 +34,8 @@ def fit_latent(session: Session) -> None:
     """Stage 1: the autoencoder for ``ae_epochs`` (binary cross-entropy, Adam ``ae_lr``).
     Stage 2: the flow on the frozen encoder's embeddings for ``epochs`` (negative log-likelihood
     of the embedding given its label, Adam ``lr``); ``best.pt`` has the lowest validation NLL.
-    Both stages checkpoint every epoch and resume where they stopped."""
+    Both stages checkpoint every epoch (and every ``checkpoint_every`` steps) and resume
+    exactly where they stopped."""
     model: LatentRealNVP = session.model
     cfg, dev, state = session.cfg, session.device, session.state or {}
     conditional = model.config.conditional
@@ -48,27 +49,33 @@ def fit_latent(session: Session) -> None:
     ae_optimizer = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay)
     if stage == "autoencoder" and "optimizer_state" in state:
         ae_optimizer.load_state_dict(state["optimizer_state"])
+
+    def ae_fields(step):
+        return {"stage": "autoencoder", "ae_epoch": ae_epoch, "epoch": 0, "step": step, "best_val_nll": best,
+                "optimizer_state": ae_optimizer.state_dict()}
+
     while stage == "autoencoder" and ae_epoch < cfg.ae_epochs and not session.out_of_budget(step):
-        ae_epoch += 1
         ae.train()
-        batches, _ = session.batches(len(images), ae_epoch)
+        this = session.start_pass(len(images), ae_epoch + 1)
         started = time.perf_counter()
         train_bce, seen, step = session.run_epoch(
-            ae_optimizer, batches, lambda idx: (ae.loss(images[idx]),) * 2, step=step,
-            desc=f"autoencoder {ae_epoch}/{cfg.ae_epochs}", postfix=lambda bce: f"BCE={bce:.2f}")
+            ae_optimizer, this, lambda idx, _: (ae.loss(images[idx]),) * 2, step=step,
+            desc=f"autoencoder {ae_epoch + 1}/{cfg.ae_epochs}", postfix=lambda bce: f"BCE={bce:.2f}", fields=ae_fields)
         seconds = time.perf_counter() - started
+        ae_epoch += this.complete
         ae.eval()
         val_bce = _mean_over(lambda a, b: ae.loss(val_images[a:b]), len(val_images))
-        session.log({"stage": "autoencoder", "epoch": ae_epoch, "step": step, "train_bce": train_bce,
-                     "val_bce": val_bce, "seconds": seconds, "images_per_s": seen / seconds})
+        session.log({"stage": "autoencoder", "epoch": this.index, "step": step, "partial_epoch": not this.complete,
+                     "train_bce": train_bce, "val_bce": val_bce, "seconds": seconds, "images_per_s": seen / seconds,
+                     "skipped_steps": this.skipped, "rollbacks": session.rollbacks})
         with torch.no_grad():
             originals = val_images[:32]
             pairs = torch.stack([originals, ae.decode(ae.encode(originals))], 1).flatten(0, 1)
-        session.save_samples(pairs, ae_epoch, nrow=8)
+        session.save_samples(pairs, this.index, nrow=8)
         stage = "flow" if ae_epoch >= cfg.ae_epochs else "autoencoder"
-        session.save({"stage": stage, "ae_epoch": ae_epoch, "epoch": 0, "step": step, "best_val_nll": best,
-                      "optimizer_state": ae_optimizer.state_dict()}, improved=False)
-        session.report(f"autoencoder epoch {ae_epoch}: train BCE {train_bce:.2f}, val BCE {val_bce:.2f}, {seconds:.1f} s")
+        fields = ae_fields(step) if stage == "autoencoder" else {**ae_fields(step), "stage": "flow", "optimizer_state": None}
+        session.save({**fields, **({} if this.complete else this.position())}, improved=False)
+        session.report(f"autoencoder epoch {this.index}: train BCE {train_bce:.2f}, val BCE {val_bce:.2f}, {seconds:.1f} s")
     if stage == "autoencoder":
         return  # out of budget before the flow stage
 
@@ -76,32 +83,38 @@ def fit_latent(session: Session) -> None:
     embeddings, val_embeddings = _encode(model, images), _encode(model, val_images)
     flow_params = [p for name, p in model.named_parameters() if not name.startswith("autoencoder.")]
     optimizer = torch.optim.Adam(flow_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if state.get("stage") == "flow" and epoch > 0:
+    # At the change of stage (flow epoch 0, no pass under way) the stored optimizer, if any, is the autoencoder's.
+    if state.get("stage") == "flow" and state.get("optimizer_state") and (epoch > 0 or state.get("pass")):
         optimizer.load_state_dict(state["optimizer_state"])
 
     def nll(e: Tensor, y: Tensor) -> Tensor:
         return -model.embedding_log_prob(e, y if conditional else None).mean()
 
+    def flow_fields(step):
+        return {"stage": "flow", "ae_epoch": ae_epoch, "epoch": epoch, "step": step, "best_val_nll": best,
+                "optimizer_state": optimizer.state_dict()}
+
     while epoch < cfg.epochs and not session.out_of_budget(step):
-        epoch += 1
         model.flow.train()
-        batches, _ = session.batches(len(embeddings), cfg.ae_epochs + epoch)
+        this = session.start_pass(len(embeddings), cfg.ae_epochs + epoch + 1)
         started = time.perf_counter()
         train_nll, seen, step = session.run_epoch(
-            optimizer, batches, lambda idx: (nll(embeddings[idx], labels[idx]),) * 2, step=step,
-            desc=f"flow {epoch}/{cfg.epochs}", postfix=lambda v: f"NLL={v:.3f}")
+            optimizer, this, lambda idx, _: (nll(embeddings[idx], labels[idx]),) * 2, step=step,
+            desc=f"flow {epoch + 1}/{cfg.epochs}", postfix=lambda v: f"NLL={v:.3f}", fields=flow_fields)
         seconds = time.perf_counter() - started
+        epoch += this.complete
         model.eval()
         val_nll = _mean_over(lambda a, b: nll(val_embeddings[a:b], val_labels[a:b]), len(val_embeddings))
         if not math.isfinite(val_nll):
             raise TrainingError(f"validation NLL is {val_nll} after flow epoch {epoch}")
         improved = val_nll < best
         best = min(best, val_nll)
-        session.log({"stage": "flow", "epoch": epoch, "step": step, "train_nll": train_nll, "val_nll": val_nll,
-                     "seconds": seconds, "images_per_s": seen / seconds})
+        session.log({"stage": "flow", "epoch": this.index - cfg.ae_epochs, "step": step,
+                     "partial_epoch": not this.complete, "train_nll": train_nll, "val_nll": val_nll,
+                     "seconds": seconds, "images_per_s": seen / seconds, "skipped_steps": this.skipped,
+                     "rollbacks": session.rollbacks})
         grid_labels = torch.arange(10 * 8, device=dev) // 8 % model.config.num_classes
-        session.save_samples(model.sample(len(grid_labels), grid_labels if conditional else None), cfg.ae_epochs + epoch)
-        session.save({"stage": "flow", "ae_epoch": ae_epoch, "epoch": epoch, "step": step, "best_val_nll": best,
-                      "optimizer_state": optimizer.state_dict()}, improved)
-        session.report(f"flow epoch {epoch}: train NLL {train_nll:.3f}, val NLL {val_nll:.3f} nats"
+        session.save_samples(model.sample(len(grid_labels), grid_labels if conditional else None), this.index)
+        session.save({**flow_fields(step), **({} if this.complete else this.position())}, improved)
+        session.report(f"flow epoch {this.index - cfg.ae_epochs}: train NLL {train_nll:.3f}, val NLL {val_nll:.3f} nats"
                        f"{' (best)' if improved else ''}, {seconds:.1f} s")
