@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from couplings.config import ConfigError, TrainConfig, apply_overrides, split_overrides
+from couplings.data import DATASETS
 from couplings.models import NICEConfig
 
 
@@ -29,6 +33,10 @@ def test_split_overrides_sorts_model_train_and_size():
         ("betas=0.9", "expected 2 comma-separated values"),
         ("hidden_units", "expected key=value"),
         ("=3", "expected key=value"),
+        ("lr=nan", "lr: expected a finite number, found 'nan'"),
+        ("grad_clip=1e400", "grad_clip: expected a finite number"),
+        ("size=", "size: expected a value after '='"),
+        ("hidden_units= ", "hidden_units: expected a value after '='"),
     ],
 )
 def test_bad_overrides_are_errors(pair, message):
@@ -44,6 +52,11 @@ def test_bad_overrides_are_errors(pair, message):
         ({"lr": -1.0}, "lr > 0"),
         ({"max_minutes": 0.0}, "max_minutes must be > 0"),
         ({"betas": (0.9, 1.0)}, "betas"),
+        ({"lr": math.inf}, "lr > 0"),
+        ({"weight_decay": math.nan}, "weight_decay >= 0"),
+        ({"max_minutes": math.nan}, "max_minutes must be > 0"),
+        ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\), found -1"),
+        ({"seed": 2**32}, "seed must be an integer"),
     ],
 )
 def test_train_config_validation(overrides, message):
@@ -65,3 +78,31 @@ def test_fuzzed_overrides_raise_only_config_errors(text):
     except ConfigError:
         return
     assert "=" in text
+
+
+_KEYS = sorted({f.name for f in fields(NICEConfig)} | {f.name for f in fields(TrainConfig)})
+_VALUES = st.one_of(
+    st.integers(-3, 3).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["none", "None", "nan", "-inf", "1e400", "0.9,0.99", "1,2,3", "", " ", "tiny", "mnist", "gaussian"]),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), max_size=4))
+def test_fuzzed_known_keys_give_a_valid_config_or_a_config_error(pairs):
+    """Known keys with arbitrary values, through the whole path the CLI takes: parsing, then
+    building both configs. Anything accepted is a config that passes its own checks."""
+    try:
+        _, model, train = split_overrides([f"{k}={v}" for k, v in pairs], NICEConfig)
+        model_config = apply_overrides(NICEConfig(), model)
+        train_config = apply_overrides(TrainConfig(), train)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    for name in ("batch_size", "epochs", "val_size", "hidden_units", "hidden_layers", "couplings"):
+        config = train_config if hasattr(train_config, name) else model_config
+        assert getattr(config, name) >= 1
+    assert math.isfinite(train_config.lr) and train_config.lr > 0 and math.isfinite(train_config.eps)
+    assert 0 <= train_config.seed < 2**32 and train_config.dataset in DATASETS

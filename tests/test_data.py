@@ -5,11 +5,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import tarfile
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import idx_bytes
@@ -64,6 +65,48 @@ def test_read_idx_fuzz_raises_only_dataset_error(blob):
     except DatasetError:
         return
     assert out.size * out.dtype.itemsize + 4 + 4 * out.ndim == len(blob)
+
+
+@st.composite
+def _idx_headers(draw):
+    """A valid magic number and dimensions (small, zero, or up to 2**32 - 1), then a payload whose
+    length is right, a few bytes off, or random."""
+    code = draw(st.sampled_from(sorted(data._IDX_DTYPES)))
+    dims = draw(st.lists(st.integers(0, 5) | st.integers(0, 2**32 - 1), min_size=1, max_size=4))
+    header = bytes([0, 0, code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    need = math.prod(dims) * data._IDX_DTYPES[code].itemsize
+    size = draw(st.sampled_from([need, need - 1, need + 1]) | st.integers(0, 300)) if need <= 300 else draw(st.integers(0, 300))
+    return header, dims, code, draw(st.binary(min_size=max(size, 0), max_size=max(size, 0)))
+
+
+_EMPTY_BUT_HUGE = (0, 7976, 34001700, 34009790)  # found by this test: numpy refused the reshape with ValueError
+
+
+@settings(max_examples=300, deadline=None)
+@given(_idx_headers())
+@example((bytes([0, 0, 8, 4]) + b"".join(d.to_bytes(4, "big") for d in _EMPTY_BUT_HUGE), list(_EMPTY_BUT_HUGE), 8, b""))
+def test_read_idx_fuzz_valid_headers(case):
+    header, dims, code, payload = case
+    dtype = data._IDX_DTYPES[code]
+    exact = len(payload) == math.prod(dims) * dtype.itemsize
+    try:
+        out = data._parse_idx(header + payload, "fuzz")
+    except DatasetError as e:
+        # Only a wrong length, or an empty shape whose other dimensions no array can hold.
+        assert ("expected dimensions an array can hold" in str(e)) if exact else ("truncated" in str(e) or "too long" in str(e))
+        return
+    assert exact and out.shape == tuple(dims) and out.dtype == dtype.newbyteorder("=")
+    np.testing.assert_array_equal(out, np.frombuffer(payload, dtype).reshape(dims), strict=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_read_idx_fuzz_damaged_gzip(tmp_path_factory, tail):
+    """Bytes behind a gzip magic number: a damaged-gzip error (zlib.error included) or an IDX error."""
+    path = tmp_path_factory.mktemp("gz") / "x.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((2, 2), np.uint8)))[:10] + tail)
+    with pytest.raises(DatasetError, match="damaged gzip|bad magic|truncated|too long|at least 4 bytes"):
+        data.read_idx(path)
 
 
 def test_load_returns_uint8_images_and_labels(tiny_dataset):

