@@ -347,6 +347,12 @@ def test_malformed_idx_files(tmp_path, monkeypatch, capsys, files, fragments):
     assert not (tmp_path / "run").exists()
 
 
+def test_validation_split_larger_than_the_data(tiny_dataset, tmp_path, capsys):
+    _fails(capsys, ["train", "nice", "--out", str(tmp_path / "run"), *TINY, "--set", "val_size=300"], 1,
+           "val_size must be between 1 and 299 for tiny, found 300")
+    assert not (tmp_path / "run").exists()
+
+
 def test_damaged_gzip_in_the_cache(tmp_path, monkeypatch, capsys):
     directory = _register(monkeypatch, tmp_path / "data", GOOD_FILES)
     packed = gzip.compress(GOOD_FILES[_LABELS])
