@@ -105,7 +105,13 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
     t.add_argument("--max-minutes", type=_positive_float, help="stop after this much wall-clock in this invocation")
+    t.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also write last.pt every N steps inside an epoch (--resume continues from there exactly)")
     t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the training loss")
+    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast convolutions and matmuls "
+                   "(log-dets and the loss stay float32); meant for CUDA")
+    t.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     t.add_argument("--seed", type=_seed)
     t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-DATASET-TIME)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -170,7 +176,9 @@ def _cmd_train(args) -> int:
     entry = MODELS[args.model]
     size, model_overrides, train_overrides = split_overrides(args.overrides, entry.config, entry.train_config)
     flags = {"dataset": args.dataset, "epochs": args.epochs, "max_steps": args.max_steps,
-             "max_minutes": args.max_minutes, "batch_size": args.batch_size, "seed": args.seed}
+             "max_minutes": args.max_minutes, "batch_size": args.batch_size, "seed": args.seed,
+             "checkpoint_every": args.checkpoint_every, "compile": args.compile, "precision": args.precision,
+             "channels_last": args.channels_last}
     train_overrides.update({k: v for k, v in flags.items() if v is not None})
     out = args.out
     if out is None:

@@ -43,6 +43,15 @@ class TrainConfig:
     grad_clip: float | None = None
     warmup_steps: int = 0
     wn_l2: float = 0.0
+    checkpoint_every: int | None = None  # also write last.pt every this many steps inside an epoch
+    max_bad_steps: int = 10  # consecutive non-finite steps skipped before rolling back
+    max_rollbacks: int = 1  # rollbacks to last.pt before giving up with an error
+    rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
+    # Fast paths (results equal the plain path within tolerance; see tests/test_fast_paths.py):
+    compile: bool = False  # torch.compile the model's negative log-likelihood
+    precision: str = "fp32"  # "bf16": autocast matmuls and convolutions; log-dets and the loss stay float32
+    channels_last: bool = False  # channels-last memory format for the convolutions
+    adam: str = "default"  # "foreach" or "fused": multi-tensor Adam kernels
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -54,6 +63,16 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, found {self.max_steps}")
+        if self.precision not in ("fp32", "bf16") or self.adam not in ("default", "foreach", "fused"):
+            raise ConfigError(f"need precision fp32 or bf16 and adam default, foreach or fused; "
+                              f"found {self.precision!r} and {self.adam!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1 (or none), found {self.checkpoint_every}")
+        if self.max_bad_steps < 1 or self.max_rollbacks < 0 or not 0 < self.rollback_lr_factor < 1:
+            raise ConfigError(
+                f"need max_bad_steps >= 1, max_rollbacks >= 0 and 0 < rollback_lr_factor < 1; "
+                f"found {self.max_bad_steps}, {self.max_rollbacks}, {self.rollback_lr_factor}"
+            )
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"max_minutes must be > 0, found {self.max_minutes}")
         if not 0 < self.lr < math.inf or not 0 < self.eps < math.inf or not self.weight_decay >= 0:

@@ -39,7 +39,7 @@ def _as_image_batch(images: np.ndarray | Tensor) -> Tensor:
     return images
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def log_probs(
     model,
     images: np.ndarray | Tensor,

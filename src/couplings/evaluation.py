@@ -23,7 +23,7 @@ __all__ = ["NO_PIXEL_BPD", "draw_samples", "evaluate_checkpoint", "reconstructio
 NO_PIXEL_BPD = "latent density: no pixel bits/dim"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def draw_samples(
     model, n: int, *, temperature: float = 1.0, seed: int = 0, batch_size: int = 1000
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -45,7 +45,7 @@ def draw_samples(
     return samples, labels
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reconstruction_error(model, images, *, batch_size: int = 1000, seed: int = 0) -> float:
     """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W))."""
     device = model.prior.device
@@ -113,7 +113,7 @@ def evaluate_checkpoint(
     else:
         pixels = torch.as_tensor(images).unsqueeze(1).float().div(255).to(device)  # (N, H, W) -> (N, 1, H, W)
         y = torch.as_tensor(labels).long().to(device)
-        with torch.no_grad():
+        with torch.inference_mode():
             nll = torch.cat([-model.log_prob(pixels[i : i + batch_size], y[i : i + batch_size]).double().cpu()
                              for i in range(0, len(pixels), batch_size)])
         result.update({

@@ -8,7 +8,7 @@ from torch import Tensor
 __all__ = ["interpolate", "temperature_sweep"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def temperature_sweep(model, temperatures: list[float], n: int, seed: int = 0) -> Tensor:
     """``n`` samples per temperature from the same base noise, stacked row by row:
     (len(temperatures) * n, C, H, W). Lower temperatures give smoother, more typical images."""
@@ -19,7 +19,7 @@ def temperature_sweep(model, temperatures: list[float], n: int, seed: int = 0) -
     return torch.cat([model.inverse(t * noise) for t in temperatures])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def interpolate(model, x_a: Tensor, x_b: Tensor, steps: int = 8) -> Tensor:
     """Decodes ``steps`` evenly spaced points on the line between the latents of image pairs.
 

@@ -7,7 +7,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,7 +259,8 @@ class Session:
 
     def _locate_fault(self, loss_fn, idx, generator) -> str:
         """Re-runs a failing batch with hooks on every flow layer to name where it went wrong."""
-        with _non_finite_trace(self.model) as found:
+        eager = getattr(torch.compiler, "set_stance", None)  # hooks must see every layer: no compiled graph
+        with eager("force_eager") if eager else nullcontext(), _non_finite_trace(self.model) as found:
             loss, objective = loss_fn(idx, generator)
         if found:
             return f"the first non-finite value was the {found[0]}"

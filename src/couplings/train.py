@@ -24,7 +24,7 @@ __all__ = ["StoppedBySignal", "TrainingError", "fit_flow", "train"]
 
 # Options that may change when a run is resumed; the rest define the run and stay fixed.
 RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes", "checkpoint_every", "max_bad_steps", "max_rollbacks",
-                     "rollback_lr_factor")
+                     "rollback_lr_factor", "compile", "precision", "channels_last", "adam")
 
 
 def _new_run(model_name: str, out: Path, size: str | None, model_overrides: dict, train_overrides: dict) -> dict:
@@ -149,7 +149,7 @@ def fit_flow(session: Session) -> None:
     holds that pass's position, and the next start continues it from the next batch.
     """
     model, cfg, dev, state = session.model, session.cfg, session.device, session.state or {}
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = make_adam(model.parameters(), cfg, cfg.lr)
     if "optimizer_state" in state:
         optimizer.load_state_dict(state["optimizer_state"])
     epoch, step, best = state.get("epoch", 0), state.get("step", 0), state.get("best_val_bpd", math.inf)
@@ -159,8 +159,10 @@ def fit_flow(session: Session) -> None:
     pixels = torch.as_tensor(session.train_data[0]).unsqueeze(1).to(dev)  # (N, H, W) -> (N, 1, H, W)
     dim = math.prod(pixels.shape[1:])
 
+    nll = training_nll(model, cfg, dev)
+
     def loss_fn(idx, generator):
-        loss = -model.log_prob(dequantize(pixels[idx], generator)).mean()
+        loss = nll(dequantize(pixels[idx], generator))
         penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
         return loss, loss + penalty
 
@@ -199,6 +201,32 @@ def fit_flow(session: Session) -> None:
             f"epoch {this.index}: train {nats_to_bits_per_dim(-train_nll, dim):.4f} bpd, "
             f"val {val_bpd:.4f} bpd{' (best)' if improved else ''}, {seen / seconds:.0f} images/s, {seconds:.1f} s"
         )
+
+
+def make_adam(params, cfg, lr: float) -> torch.optim.Adam:
+    """Adam with the run's betas, eps and weight decay, and its ``adam`` implementation."""
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.adam]
+    return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
+
+
+def training_nll(model, cfg, device: torch.device):
+    """``x -> -mean log p(x)`` over a batch of dequantized images, with the run's fast paths:
+    channels-last inputs (and model), bf16 autocast (the loss comes back float32), torch.compile.
+    """
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    def nll(x):
+        return -model.log_prob(x).mean()
+
+    compiled = torch.compile(nll) if cfg.compile else nll
+
+    def loss(x):
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return compiled(x).float()
+    return loss
 
 
 # Models whose training is not plain maximum likelihood on pixels.

@@ -10,6 +10,11 @@ from torch import Tensor, nn
 __all__ = ["Flow"]
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """bf16 or float16 (from autocast) -> float32; float32 and float64 unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class Flow(nn.Module):
     """A density on dequantized images ``x`` in [0, 1]^D built from an invertible map.
 
@@ -35,11 +40,11 @@ class Flow(nn.Module):
         raise NotImplementedError
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Log-density of ``x`` in nats, shape (B,)."""
+        """Log-density of ``x`` in nats, shape (B,); float32 (or wider) even under bf16 autocast."""
         z, logabsdet = self.transform(x, y)
-        return self.prior.log_prob(z).sum(-1) + logabsdet
+        return self.prior.log_prob(_at_least_float32(z)).sum(-1) + _at_least_float32(logabsdet)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         n: int,

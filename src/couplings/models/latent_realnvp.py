@@ -138,7 +138,7 @@ class LatentRealNVP(nn.Module):
         e, _ = self.flow.inverse(z, self.context(y, len(z)))
         return self.autoencoder.decode(e)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_with_log_prob(
         self, n: int, y: Tensor | None = None, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:

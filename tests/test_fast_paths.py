@@ -1,0 +1,97 @@
+"""Every fast path gives the plain path's log_prob and training step, within tolerance, on CPU."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from couplings.config import TrainConfig
+from couplings.evaluate import dequantize
+from couplings.models import NICE, Glow, RealNVP
+from couplings.train import make_adam, training_nll
+
+MODELS = {
+    "nice": lambda: NICE(couplings=2, hidden_layers=1, hidden_units=16),
+    "realnvp": lambda: RealNVP(hidden=4, blocks=1),
+    "glow": lambda: Glow(steps=2, hidden=4, blocks=1),
+}
+
+# Option -> (training-config overrides, relative tolerance). bf16 keeps about 3 significant digits.
+OPTIONS = {
+    "channels_last": ({"channels_last": True}, 1e-5),
+    "foreach_adam": ({"adam": "foreach"}, 1e-5),
+    "fused_adam": ({"adam": "fused"}, 1e-5),
+    "bf16": ({"precision": "bf16"}, 3e-2),
+    "compile": ({"compile": True}, 1e-4),
+}
+
+
+def _batch(n: int = 16) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    return dequantize(pixels, generator)
+
+
+def _one_step(model, cfg: TrainConfig, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The loss on ``x``, its gradient and the change of every parameter in one Adam step (flattened)."""
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    nll = training_nll(model, cfg, torch.device("cpu"))
+    optimizer = make_adam(model.parameters(), cfg, lr=1e-3)
+    loss = nll(x)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    optimizer.step()
+    return loss.item(), grad, torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+def _slow(name: str, option: str) -> bool:
+    """Compiling a convolutional flow takes minutes on 2 CPU cores: run it with COUPLINGS_SLOW_TESTS=1."""
+    return option == "compile" and name != "nice" and not os.environ.get("COUPLINGS_SLOW_TESTS")
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_path_matches_the_plain_path(name, option):
+    if _slow(name, option):
+        pytest.skip("compiling a convolutional flow takes minutes on CPU; set COUPLINGS_SLOW_TESTS=1")
+    overrides, rtol = OPTIONS[option]
+    torch.manual_seed(0)
+    plain = MODELS[name]()
+    x = _batch()
+    plain.log_prob(x[:8])  # data-dependent initialisation (ActNorm) before copying
+    fast = copy.deepcopy(plain)
+
+    plain_loss, plain_grad, plain_step = _one_step(plain, TrainConfig(), x)
+    fast_loss, fast_grad, fast_step = _one_step(fast, TrainConfig(**overrides), x)
+
+    assert fast_loss == pytest.approx(plain_loss, rel=rtol)
+    scale = plain_grad.abs().max()
+    if option == "bf16":  # rounded activations: the same direction, not the same digits
+        assert torch.nn.functional.cosine_similarity(fast_grad, plain_grad, dim=0) > 0.99
+    else:
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-3, atol=1e-5 * scale)
+    if option.endswith("_adam"):  # the same gradient in: the same update out
+        torch.testing.assert_close(fast_step, plain_step, rtol=1e-4, atol=1e-7)  # lr is 1e-3
+    plain.eval(), fast.eval()
+    with torch.inference_mode():  # the two models after their steps, scored in float32
+        torch.testing.assert_close(fast.log_prob(x), plain.log_prob(x), rtol=5e-3 if option == "bf16" else 1e-4, atol=1e-3)
+
+
+def test_training_loss_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = MODELS["glow"]()
+    x = _batch()
+    loss = training_nll(model, TrainConfig(precision="bf16"), torch.device("cpu"))(x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_unknown_fast_path_values_are_config_errors():
+    from couplings.config import ConfigError
+
+    with pytest.raises(ConfigError, match="precision fp32 or bf16"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="adam default, foreach or fused"):
+        TrainConfig(adam="sgd")
