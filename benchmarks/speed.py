@@ -2,9 +2,12 @@
 
     python benchmarks/speed.py                                   # NICE, paper size, batch 200
     python benchmarks/speed.py --model realnvp --size small --batch-size 64 --steps 5
+    python benchmarks/speed.py --compile --adam fused               # the training fast paths
 
 Training steps are full optimizer steps (forward, backward, Adam) on dequantized random
-images, after one warm-up step; sampling draws batches under no_grad.
+images, through the same loss and optimizer the trainer builds (`couplings.train`), after two
+warm-up steps (a compiled loss compiles in the first); sampling draws batches under
+inference_mode.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import time
 
 import torch
 
+from couplings.checkpoint import build_model
 from couplings.evaluate import dequantize
 from couplings.hardware import describe, resolve_device
-from couplings.checkpoint import build_model
 from couplings.models import MODELS
+from couplings.train import make_adam, training_nll
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
+    fn(), fn()  # warm-up (and compilation)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -41,6 +45,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--sample-batch", type=int, default=1000)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training loss")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--adam", default="default", choices=["default", "foreach", "fused"])
     args = parser.parse_args()
 
     entry = MODELS[args.model]
@@ -48,11 +56,14 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = build_model(args.model, vars(entry.config(**entry.presets[size]))).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4)
+    cfg = entry.train_config(compile=args.compile, precision=args.precision, channels_last=args.channels_last,
+                             adam=args.adam)
+    optimizer = make_adam(model.parameters(), cfg, cfg.lr)
+    nll = training_nll(model, cfg, device)
     pixels = torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8, device=device)
 
     def train_step():
-        loss = -model.log_prob(dequantize(pixels)).mean()
+        loss = nll(dequantize(pixels))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -64,7 +75,8 @@ def main() -> None:
         model.sample(sample_batch)
 
     common = {"model": args.model, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
-              "hardware": describe(device)}
+              "hardware": describe(device), "compile": args.compile, "precision": args.precision,
+              "channels_last": args.channels_last, "adam": args.adam}
     seconds = _timed(train_step, args.steps, device)
     print(json.dumps({**common, "measure": "train_images_per_s", "batch_size": args.batch_size,
                       "steps": args.steps, "value": round(args.steps * args.batch_size / seconds, 1)}))

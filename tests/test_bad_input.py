@@ -259,9 +259,10 @@ CHECKPOINT_MESSAGES = {
     "newer-format": "is newer than this couplings understands",
     "missing-keys": "missing keys ['model_config', 'model_state']; expected a couplings checkpoint",
     "unknown-model": "unknown model 'maf'; expected one of",
-    "another-model-config": "weights do not fit model 'nice'",
+    "another-model-config": "weights do not fit model 'nice': size mismatch for flow.",
     "another-model-name": "weights do not fit model 'glow'",
-    "code": "is not a readable couplings checkpoint",
+    "code": "is not a readable couplings checkpoint: refused by the safe (weights-only) loader: "
+            "Trying to load unsupported GLOBAL",
 }
 
 

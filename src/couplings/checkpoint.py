@@ -68,8 +68,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on foreign bytes (struct.error, EOFError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable couplings checkpoint: {first}") from None
+        raise CheckpointError(f"{path} is not a readable couplings checkpoint: {_load_failure(e)}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(payload).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -83,6 +82,18 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     if payload["model"] not in MODELS:
         raise CheckpointError(f"{path}: unknown model {payload['model']!r}; expected one of {sorted(MODELS)}")
     return payload
+
+
+def _load_failure(error: Exception) -> str:
+    """The useful line of a torch.load error. A weights-only refusal is reported as such, without
+    torch's advice to retry with ``weights_only=False``, which would run the file's code."""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))), "")
+        detail = detail.removeprefix("WeightsUnpickler error:").strip() or "not a plain tensor archive"
+        return f"refused by the safe (weights-only) loader: {detail}"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def build_model(name: str, model_config: dict[str, Any]) -> Flow:
@@ -103,7 +114,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         model = build_model(payload["model"], payload["model_config"])
         model.load_state_dict(payload["model_state"])
     except (TypeError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        # load_state_dict's first line only names the model; the next one names the first mismatch.
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
         raise CheckpointError(f"{resolve(path)}: weights do not fit model {payload['model']!r}: {first}") from None
     return model.to(device).eval(), payload
 
