@@ -135,6 +135,16 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tin
     assert steps == [6, 12, 18, 24, 30, 36], f"seed {seed}, delay {delay:.2f} s"
 
 
+def test_target_bpd_stops_at_the_first_epoch_that_reaches_it(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", "3") == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_bpd"]
+    stopped = tmp_path / "stopped"
+    assert _train(stopped, "--epochs", "3", "--set", f"target_bpd={first + 1e-6}") == 0
+    lines = (stopped / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and checkpoint.load(stopped / "last.pt")["epoch"] == 1
+
+
 # --- Numerical faults ---------------------------------------------------------------------------
 
 def _session(cfg: TrainConfig) -> Session:

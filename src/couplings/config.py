@@ -31,6 +31,7 @@ class TrainConfig:
     epochs: int = 1500
     max_steps: int | None = None
     max_minutes: float | None = None
+    target_bpd: float | None = None  # stop once validation bits/dim is at or below this (time-to-target runs)
     batch_size: int = 200
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -66,6 +67,8 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16") or self.adam not in ("default", "foreach", "fused"):
             raise ConfigError(f"need precision fp32 or bf16 and adam default, foreach or fused; "
                               f"found {self.precision!r} and {self.adam!r}")
+        if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
+            raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1 (or none), found {self.checkpoint_every}")
         if self.max_bad_steps < 1 or self.max_rollbacks < 0 or not 0 < self.rollback_lr_factor < 1:

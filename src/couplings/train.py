@@ -23,7 +23,7 @@ from couplings.train_latent import fit_latent
 __all__ = ["StoppedBySignal", "TrainingError", "fit_flow", "train"]
 
 # Options that may change when a run is resumed; the rest define the run and stay fixed.
-RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes", "checkpoint_every", "max_bad_steps", "max_rollbacks",
+RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes", "target_bpd", "checkpoint_every", "max_bad_steps", "max_rollbacks",
                      "rollback_lr_factor", "compile", "precision", "channels_last", "adam")
 
 
@@ -201,6 +201,9 @@ def fit_flow(session: Session) -> None:
             f"epoch {this.index}: train {nats_to_bits_per_dim(-train_nll, dim):.4f} bpd, "
             f"val {val_bpd:.4f} bpd{' (best)' if improved else ''}, {seen / seconds:.0f} images/s, {seconds:.1f} s"
         )
+        if cfg.target_bpd is not None and val_bpd <= cfg.target_bpd:
+            session.report(f"reached the target {cfg.target_bpd} bits/dim after {session.elapsed() / 60:.1f} min")
+            break
 
 
 def make_adam(params, cfg, lr: float) -> torch.optim.Adam:
