@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["ResNet", "ResidualBlock", "mlp"]
+__all__ = ["ResNet", "ResidualBlock", "WeightNormConv2d", "mlp"]
 
 
 def mlp(in_features: int, out_features: int, hidden_layers: int, hidden_units: int) -> nn.Sequential:
@@ -20,18 +22,60 @@ def mlp(in_features: int, out_features: int, hidden_layers: int, hidden_units: i
     return nn.Sequential(*layers)
 
 
+class _WeightNormParameters(nn.Module):
+    """``original0`` (g, the per-output-channel norm) and ``original1`` (v, the direction): the
+    names under which ``torch.nn.utils.parametrizations.weight_norm`` keeps them."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.original0 = nn.Parameter(torch.norm_except_dim(weight, 2, 0))
+        self.original1 = nn.Parameter(weight)
+
+
+class WeightNormConv2d(nn.Module):
+    """A "same"-padded convolution with weight normalisation, ``w = g * v / ||v||`` per output
+    channel (Salimans and Kingma, 2016).
+
+    It is ``torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(...))`` without the
+    parametrization machinery: the same initial weights (``nn.Conv2d``'s), the same parameters
+    under the same state-dict keys (``bias``, ``parametrizations.weight.original0`` for g,
+    ``parametrizations.weight.original1`` for v; checkpoints load either way), and the weight
+    from the same ``torch._weight_norm``, computed once per call. The parametrized module pays
+    for a Python-level parametrization call on every access of ``weight``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int):
+        super().__init__()
+        conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)  # PyTorch's default init
+        self.in_channels, self.out_channels, self.kernel, self.padding = in_channels, out_channels, kernel, kernel // 2
+        self.bias = nn.Parameter(conv.bias.detach())
+        self.parametrizations = nn.ModuleDict({"weight": _WeightNormParameters(conv.weight.detach())})
+
+    @property
+    def weight(self) -> Tensor:
+        wn = self.parametrizations["weight"]
+        return torch._weight_norm(wn.original1, wn.original0, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel}, padding={self.padding}, weight_norm=True"
+
+
 def _wn_conv(in_channels: int, out_channels: int, kernel: int) -> nn.Module:
-    return nn.utils.parametrizations.weight_norm(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2))
+    return WeightNormConv2d(in_channels, out_channels, kernel)
 
 
 class ResidualBlock(nn.Module):
-    """BN -> ReLU -> 3x3 conv -> BN -> ReLU -> 3x3 conv, added to the input (weight-normed convs)."""
+    """BN -> ReLU -> 3x3 conv -> BN -> ReLU -> 3x3 conv, added to the input (weight-normed convs).
+    The ReLUs work in place on the batch norms' fresh outputs."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(), _wn_conv(channels, channels, 3),
-            nn.BatchNorm2d(channels), nn.ReLU(), _wn_conv(channels, channels, 3),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), _wn_conv(channels, channels, 3),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), _wn_conv(channels, channels, 3),
         )
 
     def forward(self, x):
@@ -41,6 +85,8 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """The s/t network of Real NVP's image couplings: a weight-normed ResNet whose last
     convolution starts at zero, so a coupling built on it starts as (nearly) the identity.
+
+    On CPU it computes in the channels-last memory format (same values, faster convolutions).
 
     References:
         Dinh et al., Real NVP, 2017, section 4.1; Salimans and Kingma, weight normalization, 2016.
@@ -52,9 +98,15 @@ class ResNet(nn.Module):
             raise ValueError(f"a ResNet needs hidden >= 1 channels and blocks >= 0, found {hidden} and {blocks}")
         self.head = _wn_conv(in_channels, hidden, 3)
         self.blocks = nn.Sequential(*[ResidualBlock(hidden) for _ in range(blocks)])
-        self.tail = nn.Sequential(nn.BatchNorm2d(hidden), nn.ReLU(), nn.Conv2d(hidden, out_channels, 3, padding=1))
+        self.tail = nn.Sequential(nn.BatchNorm2d(hidden), nn.ReLU(inplace=True), nn.Conv2d(hidden, out_channels, 3, padding=1))
         nn.init.zeros_(self.tail[-1].weight)
         nn.init.zeros_(self.tail[-1].bias)
 
     def forward(self, x):
-        return self.tail(self.blocks(self.head(x)))
+        if x.device.type != "cpu":
+            return self.tail(self.blocks(self.head(x)))
+        # On CPU, oneDNN's 3x3 convolutions (forward and backward) are 1.3-2x faster on channels-last
+        # tensors than on NCHW ones at these small channel counts; batch norm and ReLU take either.
+        # The input is converted once, the output handed back in the usual (contiguous) layout.
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.tail(self.blocks(self.head(x))).contiguous()
