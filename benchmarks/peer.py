@@ -28,20 +28,29 @@ How the architectures are matched (same depth, width, input shape, batch and opt
   with running averages (needed to sample). So BOTH libraries get the same simpler stack, from
   their own layers: logit preprocessing (alpha 0.05), a squeeze 1x28x28 -> 4x14x14, then
   ``REALNVP_COUPLINGS`` affine couplings with alternating channel masks, under a standard
-  Gaussian. The s/t nets have the preset's width and residual blocks (small: 16 channels,
-  1 block) with batch norm: couplings' ``ResNet`` (3x3 head and tail, weight norm) and
-  normflows' ``ConvResidualNet`` (1x1 head and tail), last layer zeroed in both. Scales:
-  ``a * tanh(h)`` in couplings, ``exp(h)`` in normflows (no tanh option there).
+  Gaussian. The s/t nets have the same layers on both sides (`_normflows_resnet`): couplings'
+  ``ResNet`` at the preset's width and residual blocks (small: 16 channels, 1 block), i.e. a
+  3x3 head convolution, residual blocks of BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv, and a tail
+  of BN, ReLU, 3x3 conv; on the normflows side its ``ConvResidualNet`` and its residual blocks
+  (the same BN/ReLU/3x3 layers), with the 1x1 head and tail it would otherwise have replaced by
+  that 3x3 head and BN-ReLU-3x3 tail. Last layer zeroed in both. Scales: ``a * tanh(h)`` in
+  couplings, ``exp(h)`` in normflows (no tanh option there).
 * glow: `couplings.models.Glow` at the preset (small: 2 levels of 6 steps, 64 channels,
   0 residual blocks) against a normflows ``MultiscaleFlow`` of the same levels: per level a
   squeeze (28 -> 14 -> 7), then steps of ActNorm, LU 1x1 convolution and a channel-split
   affine coupling with Glow's sigmoid scale, and half the channels factored out. The steps are
   built from normflows' parts rather than ``nf.flows.GlowBlock``, whose coupling net is fixed
   at 3 convolutions (3x3, 1x1, 3x3) and would have twice the parameters of couplings' 2
-  (3x3, 3x3 with 0 blocks); here the net is ``ConvNet2d`` with 3x3 kernels and as many
-  convolutions as couplings' ResNet. Differences: couplings standardises factored-out halves
-  with a learned conditional prior (a 3x3 conv of the kept half) while normflows uses its
-  per-channel ``GlowBase``; couplings' ResNet has a batch norm before its last conv.
+  (3x3, 3x3 with 0 blocks); the coupling net is the same ``_normflows_resnet`` as for realnvp,
+  layer for layer couplings' ResNet (small: 3x3 conv, BN, ReLU, 3x3 conv). Difference:
+  couplings standardises factored-out halves with a learned conditional prior (a 3x3 conv of
+  the kept half) while normflows uses its per-channel ``GlowBase``.
+
+What remains different is extra work on the couplings side only: its s/t nets are weight-normed
+(the Real NVP paper's; normflows has no weight norm, so its convolutions use plain weights), the
+tanh scale factor of Real NVP and Glow's conditional prior. The parameter counts differ by
+exactly these: the weight-norm scales (one per output channel of each weight-normed conv), the
+tanh factors, and the prior's convolution against ``GlowBase``'s per-channel parameters.
 
 Sampling in normflows also returns the log-density of the samples (its API always computes
 it); couplings' ``sample`` returns the images only.
@@ -132,6 +141,19 @@ def build_nice(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]
     return _couplings_contender(ours), _normflows_contender(theirs, lambda x: theirs.log_prob(x.flatten(1)))
 
 
+def _normflows_resnet(nf, in_channels: int, out_channels: int, hidden: int, blocks: int) -> nn.Module:
+    """normflows' ``ConvResidualNet`` with the layers of couplings' ``ResNet``: a 3x3 head, ``blocks``
+    residual blocks (BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv: normflows' own), then BN, ReLU and a
+    zeroed 3x3 tail, where ``ConvResidualNet`` would have a 1x1 head and a bare 1x1 tail."""
+    net = nf.nets.ConvResidualNet(in_channels, out_channels, hidden, num_blocks=blocks, use_batch_norm=True)
+    net.initial_layer = nn.Conv2d(in_channels, hidden, 3, padding=1)
+    tail = nn.Conv2d(hidden, out_channels, 3, padding=1)
+    nn.init.zeros_(tail.weight)
+    nn.init.zeros_(tail.bias)
+    net.final_layer = nn.Sequential(nn.BatchNorm2d(hidden), nn.ReLU(), tail)
+    return net
+
+
 def build_realnvp(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]:
     config = RealNVPConfig(**_preset(REALNVP_PRESETS, size, "realnvp"))
     width, blocks, alpha = config.hidden if hidden is None else hidden, config.blocks, config.alpha
@@ -140,9 +162,7 @@ def build_realnvp(nf, size: str, hidden: int | None) -> tuple[Contender, Contend
     ours = MultiScaleFlow(IMAGE_SHAPE, Logit(alpha), [], Composite([Squeeze(), *layers]), [(c, h, w)])
 
     def coupling(i: int):
-        net = nf.nets.ConvResidualNet(c // 2, c, width, num_blocks=blocks, use_batch_norm=True)
-        nn.init.zeros_(net.final_layer.weight)
-        nn.init.zeros_(net.final_layer.bias)
+        net = _normflows_resnet(nf, c // 2, c, width, blocks)
         return nf.flows.AffineCouplingBlock(net, scale=True, scale_map="exp", split_mode="channel_inv" if i % 2 else "channel")
 
     data_to_noise = [coupling(i) for i in range(REALNVP_COUPLINGS)]
@@ -160,8 +180,7 @@ def build_glow(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]
 
     def step(channels: int) -> list:
         """Noise-to-data order: coupling, 1x1 conv, ActNorm (data to noise: ActNorm first, as in couplings)."""
-        widths = (channels // 2, *[cfg.hidden] * (1 + 2 * cfg.blocks), channels)
-        net = nf.nets.ConvNet2d(widths, [3] * (len(widths) - 1), init_zeros=True)
+        net = _normflows_resnet(nf, channels // 2, channels, cfg.hidden, cfg.blocks)
         coupling = nf.flows.AffineCouplingBlock(net, scale=True, scale_map="sigmoid", split_mode="channel")
         return [coupling, nf.flows.Invertible1x1Conv(channels, use_lu=True), nf.flows.ActNorm((channels, 1, 1))]
 

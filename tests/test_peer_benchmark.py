@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from couplings.evaluate import dequantize
+from couplings.models.multiscale import LearnedSplitPrior
+from couplings.nn import WeightNormConv2d
 
 pytest.importorskip("normflows")
 
@@ -48,6 +50,30 @@ def test_both_models_are_of_equal_size_and_score_the_same_batch(arch):
         log_prob = contender.log_prob(x)
         assert log_prob.shape == (4,) and torch.isfinite(log_prob).all()
     assert torch.equal(x, _batch()), "a model changed its input in place"
+
+
+def _conv_and_norm_layers(model: torch.nn.Module, skip: tuple[type, ...] = ()) -> tuple[list, int]:
+    """Every convolution's weight shape (sorted) and the number of batch norms, outside ``skip``."""
+    skipped = {id(m) for s in model.modules() if isinstance(s, skip) for m in s.modules()}
+    convs, norms = [], 0
+    for m in model.modules():
+        if id(m) in skipped:
+            continue
+        if isinstance(m, (torch.nn.Conv2d, WeightNormConv2d)):
+            convs.append(tuple(m.weight.shape))
+        norms += isinstance(m, torch.nn.BatchNorm2d)
+    return sorted(convs), norms
+
+
+@pytest.mark.parametrize("arch", ["realnvp", "glow"])
+def test_image_pairs_have_the_same_convolutions_and_batch_norms(arch):
+    """Equal work: the s/t nets have the same convolutions (in, out, kernel) and batch norms on
+    both sides; only couplings' Glow has more, the learned prior's convolution per split."""
+    pair = peer.build(arch)
+    ours = _conv_and_norm_layers(pair["couplings"].model, skip=(LearnedSplitPrior,))
+    theirs = _conv_and_norm_layers(pair["normflows"].model)
+    assert ours == theirs
+    assert ours[1] > 0 and all(shape[-2:] == (3, 3) for shape in ours[0])
 
 
 def test_nice_pair_is_the_same_function_given_the_same_weights():
