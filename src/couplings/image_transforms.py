@@ -228,34 +228,56 @@ class AffineCoupling2d(Transform):
             self.net = ResNet(channels // 2, channels, hidden, blocks)
             n_out = channels // 2
         self.tanh_factor = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "tanh" else None
+        self._masks: dict = {}  # checkerboard masks by (H, W, dtype, device): no state, rebuilt on demand
 
-    def _log_scale_shift(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+    def _scale_shift(self, x_a: Tensor, m_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log scale, scale, shift) of the masked-out part, from the masked-in part ``x_a``; with a
+        checkerboard's ``m_out`` (1 on the masked-out pixels), log scale and shift are 0 elsewhere."""
         h, t = self.net(x_a).chunk(2, dim=1)
         if self.scale == "tanh":
-            return self.tanh_factor * torch.tanh(h), t
-        if self.min_scale:
-            return torch.log(torch.lerp(torch.full_like(h, self.min_scale), torch.ones_like(h), torch.sigmoid(h + 2.0))), t
-        return F.logsigmoid(h + 2.0), t
+            log_s, scale = self.tanh_factor * torch.tanh(h), None
+        elif self.min_scale:
+            # lerp(min_scale, 1, sigmoid(h + 2)) written out, one multiply-add instead of two
+            # constant tensors and a lerp; and x_b is scaled by it, not by exp(log(scale)).
+            scale = torch.sigmoid(h + 2.0).mul(1.0 - self.min_scale).add_(self.min_scale)
+            log_s = torch.log(scale)
+        else:
+            log_s, scale = F.logsigmoid(h + 2.0), None
+        if m_out is not None:  # the masked-in pixels are left as they are
+            log_s, t, scale = log_s * m_out, t * m_out, None
+        return log_s, log_s.exp() if scale is None else scale, t
 
     def _couple(self, x: Tensor, direction: int) -> tuple[Tensor, Tensor]:
         """direction +1: x_b -> x_b * scale + t; -1: the inverse. The masked-in part is the same
         before and after, so both directions compute the same (log scale, shift)."""
         if self.mask == "checkerboard":
-            m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
-            log_s, t = self._log_scale_shift(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1))
-            log_s, t = log_s * (1 - m), t * (1 - m)  # the masked-in pixels are left as they are
-            return self._affine(x, log_s, t, direction), direction * _per_sample_sum(log_s)
+            m, m_out = self._checkerboard(x)
+            log_s, scale, t = self._scale_shift(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1), m_out)
+            return self._affine(x, scale, t, direction), self._log_det(log_s, direction)
         a, b = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
         if self.parity:
             a, b = b, a
-        log_s, t = self._log_scale_shift(a)
-        b = self._affine(b, log_s, t, direction)
-        return torch.cat([b, a] if self.parity else [a, b], 1), direction * _per_sample_sum(log_s)
+        log_s, scale, t = self._scale_shift(a)
+        b = self._affine(b, scale, t, direction)
+        return torch.cat([b, a] if self.parity else [a, b], 1), self._log_det(log_s, direction)
 
-    def _affine(self, x: Tensor, log_s: Tensor, t: Tensor, direction: int) -> Tensor:
+    def _checkerboard(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The (1, 1, H, W) mask of x's size, dtype and device and its complement, built once."""
+        key = (x.shape[2], x.shape[3], x.dtype, x.device)
+        if key not in self._masks:
+            m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
+            self._masks[key] = (m, 1 - m)
+        return self._masks[key]
+
+    @staticmethod
+    def _log_det(log_s: Tensor, direction: int) -> Tensor:
+        ld = _per_sample_sum(log_s)
+        return ld if direction > 0 else -ld
+
+    def _affine(self, x: Tensor, scale: Tensor, t: Tensor, direction: int) -> Tensor:
         if self.scale == "sigmoid":  # Glow: shift, then scale
-            return (x + t) * log_s.exp() if direction > 0 else x * (-log_s).exp() - t
-        return x * log_s.exp() + t if direction > 0 else (x - t) * (-log_s).exp()
+            return (x + t) * scale if direction > 0 else x / scale - t
+        return torch.addcmul(t, x, scale) if direction > 0 else (x - t) / scale
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, +1)
