@@ -129,14 +129,21 @@ class InvConv1x1(Transform):
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign * self.log_s.exp())
         return self.permutation @ lower @ upper
 
+    @staticmethod
+    def _mix(weight: Tensor, x: Tensor) -> Tensor:
+        """The 1x1 convolution ``out[b, i] = sum_j weight[i, j] x[b, j]`` as one (C, C) @ (C, B*H*W)
+        matrix product: at a few channels that, with the two transposing copies, takes about half
+        the time of ``F.conv2d`` with a 1x1 kernel, forward and backward."""
+        b, c, h, w = x.shape
+        out = weight @ x.transpose(0, 1).reshape(c, b * h * w)
+        return out.view(c, b, h, w).transpose(0, 1).contiguous()
+
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        weight = self._weight()
-        z = F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1))
+        z = self._mix(self._weight(), x)
         return z, (x.shape[2] * x.shape[3] * self.log_s.sum()).expand(x.shape[0])
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        weight = torch.linalg.inv(self._weight())
-        x = F.conv2d(z, weight.unsqueeze(-1).unsqueeze(-1))
+        x = self._mix(torch.linalg.inv(self._weight()), z)
         return x, (-z.shape[2] * z.shape[3] * self.log_s.sum()).expand(z.shape[0])
 
 
