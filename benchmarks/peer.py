@@ -30,11 +30,13 @@ How the architectures are matched (same depth, width, input shape, batch and opt
   ``REALNVP_COUPLINGS`` affine couplings with alternating channel masks, under a standard
   Gaussian. The s/t nets have the same layers on both sides (`_normflows_resnet`): couplings'
   ``ResNet`` at the preset's width and residual blocks (small: 16 channels, 1 block), i.e. a
-  3x3 head convolution, residual blocks of BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv, and a tail
-  of BN, ReLU, 3x3 conv; on the normflows side its ``ConvResidualNet`` and its residual blocks
-  (the same BN/ReLU/3x3 layers), with the 1x1 head and tail it would otherwise have replaced by
-  that 3x3 head and BN-ReLU-3x3 tail. Last layer zeroed in both. Scales: ``a * tanh(h)`` in
-  couplings, ``exp(h)`` in normflows (no tanh option there).
+  weight-normed 3x3 head convolution, residual blocks of BN, ReLU, weight-normed 3x3 conv, BN,
+  ReLU, weight-normed 3x3 conv, and a tail of BN, ReLU, plain 3x3 conv; on the normflows side
+  its ``ConvResidualNet`` and its residual blocks (the same BN/ReLU/3x3 layers), with the 1x1
+  head and tail it would otherwise have replaced by that 3x3 head and BN-ReLU-3x3 tail, and
+  PyTorch's ``weight_norm`` (normflows has none of its own) on the same convolutions. Last
+  layer zeroed in both. Scales: ``a * tanh(h)`` in couplings, ``exp(h)`` in normflows (no tanh
+  option there).
 * glow: `couplings.models.Glow` at the preset (small: 2 levels of 6 steps, 64 channels,
   0 residual blocks) against a normflows ``MultiscaleFlow`` of the same levels: per level a
   squeeze (28 -> 14 -> 7), then steps of ActNorm, LU 1x1 convolution and a channel-split
@@ -42,15 +44,14 @@ How the architectures are matched (same depth, width, input shape, batch and opt
   built from normflows' parts rather than ``nf.flows.GlowBlock``, whose coupling net is fixed
   at 3 convolutions (3x3, 1x1, 3x3) and would have twice the parameters of couplings' 2
   (3x3, 3x3 with 0 blocks); the coupling net is the same ``_normflows_resnet`` as for realnvp,
-  layer for layer couplings' ResNet (small: 3x3 conv, BN, ReLU, 3x3 conv). Difference:
-  couplings standardises factored-out halves with a learned conditional prior (a 3x3 conv of
-  the kept half) while normflows uses its per-channel ``GlowBase``.
+  layer for layer couplings' ResNet (small: weight-normed 3x3 conv, BN, ReLU, 3x3 conv).
+  Difference: couplings standardises factored-out halves with a learned conditional prior (a
+  3x3 conv of the kept half) while normflows uses its per-channel ``GlowBase``.
 
-What remains different is extra work on the couplings side only: its s/t nets are weight-normed
-(the Real NVP paper's; normflows has no weight norm, so its convolutions use plain weights), the
-tanh scale factor of Real NVP and Glow's conditional prior. The parameter counts differ by
-exactly these: the weight-norm scales (one per output channel of each weight-normed conv), the
-tanh factors, and the prior's convolution against ``GlowBase``'s per-channel parameters.
+The parameter counts differ by exactly what is left: Real NVP's tanh factors (one per masked-out
+channel, couplings only), and couplings' prior convolutions against ``GlowBase``'s per-channel
+parameters. ``normflows_weight_norm=False`` (``--no-normflows-weight-norm``) leaves the normflows
+convolutions plain instead: less work on that side than on couplings'.
 
 Sampling in normflows also returns the log-density of the samples (its API always computes
 it); couplings' ``sample`` returns the images only.
@@ -122,7 +123,8 @@ def _normflows_contender(model, log_prob: Callable[[Tensor], Tensor]) -> Contend
     return Contender(model, log_prob, lambda n: model.sample(n)[0])  # normflows samples (x, log_q)
 
 
-def build_nice(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]:
+def build_nice(nf, size: str, hidden: int | None, weight_norm: bool = True) -> tuple[Contender, Contender]:
+    """``weight_norm`` is unused: NICE's MLPs have none."""
     config = _preset(NICE_PRESETS, size, "nice")
     config["prior"] = "gaussian"  # normflows has no logistic base distribution
     if hidden is not None:
@@ -141,20 +143,26 @@ def build_nice(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]
     return _couplings_contender(ours), _normflows_contender(theirs, lambda x: theirs.log_prob(x.flatten(1)))
 
 
-def _normflows_resnet(nf, in_channels: int, out_channels: int, hidden: int, blocks: int) -> nn.Module:
+def _normflows_resnet(nf, in_channels: int, out_channels: int, hidden: int, blocks: int,
+                      weight_norm: bool = True) -> nn.Module:
     """normflows' ``ConvResidualNet`` with the layers of couplings' ``ResNet``: a 3x3 head, ``blocks``
     residual blocks (BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv: normflows' own), then BN, ReLU and a
-    zeroed 3x3 tail, where ``ConvResidualNet`` would have a 1x1 head and a bare 1x1 tail."""
+    zeroed 3x3 tail, where ``ConvResidualNet`` would have a 1x1 head and a bare 1x1 tail. With
+    ``weight_norm``, PyTorch's weight norm on the convolutions that couplings weight-norms (all
+    but the tail)."""
     net = nf.nets.ConvResidualNet(in_channels, out_channels, hidden, num_blocks=blocks, use_batch_norm=True)
     net.initial_layer = nn.Conv2d(in_channels, hidden, 3, padding=1)
     tail = nn.Conv2d(hidden, out_channels, 3, padding=1)
     nn.init.zeros_(tail.weight)
     nn.init.zeros_(tail.bias)
     net.final_layer = nn.Sequential(nn.BatchNorm2d(hidden), nn.ReLU(), tail)
+    if weight_norm:
+        for conv in [net.initial_layer, *(c for block in net.blocks for c in block.conv_layers)]:
+            nn.utils.parametrizations.weight_norm(conv)
     return net
 
 
-def build_realnvp(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]:
+def build_realnvp(nf, size: str, hidden: int | None, weight_norm: bool = True) -> tuple[Contender, Contender]:
     config = RealNVPConfig(**_preset(REALNVP_PRESETS, size, "realnvp"))
     width, blocks, alpha = config.hidden if hidden is None else hidden, config.blocks, config.alpha
     c, h, w = 4 * IMAGE_SHAPE[0], IMAGE_SHAPE[1] // 2, IMAGE_SHAPE[2] // 2  # after the squeeze
@@ -162,7 +170,7 @@ def build_realnvp(nf, size: str, hidden: int | None) -> tuple[Contender, Contend
     ours = MultiScaleFlow(IMAGE_SHAPE, Logit(alpha), [], Composite([Squeeze(), *layers]), [(c, h, w)])
 
     def coupling(i: int):
-        net = _normflows_resnet(nf, c // 2, c, width, blocks)
+        net = _normflows_resnet(nf, c // 2, c, width, blocks, weight_norm)
         return nf.flows.AffineCouplingBlock(net, scale=True, scale_map="exp", split_mode="channel_inv" if i % 2 else "channel")
 
     data_to_noise = [coupling(i) for i in range(REALNVP_COUPLINGS)]
@@ -171,7 +179,7 @@ def build_realnvp(nf, size: str, hidden: int | None) -> tuple[Contender, Contend
     return _couplings_contender(ours), _normflows_contender(theirs, theirs.log_prob)
 
 
-def build_glow(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]:
+def build_glow(nf, size: str, hidden: int | None, weight_norm: bool = True) -> tuple[Contender, Contender]:
     config = _preset(GLOW_PRESETS, size, "glow")
     if hidden is not None:
         config["hidden"] = hidden
@@ -180,7 +188,7 @@ def build_glow(nf, size: str, hidden: int | None) -> tuple[Contender, Contender]
 
     def step(channels: int) -> list:
         """Noise-to-data order: coupling, 1x1 conv, ActNorm (data to noise: ActNorm first, as in couplings)."""
-        net = _normflows_resnet(nf, channels // 2, channels, cfg.hidden, cfg.blocks)
+        net = _normflows_resnet(nf, channels // 2, channels, cfg.hidden, cfg.blocks, weight_norm)
         coupling = nf.flows.AffineCouplingBlock(net, scale=True, scale_map="sigmoid", split_mode="channel")
         return [coupling, nf.flows.Invertible1x1Conv(channels, use_lu=True), nf.flows.ActNorm((channels, 1, 1))]
 
@@ -211,13 +219,14 @@ BUILDERS = {"nice": build_nice, "realnvp": build_realnvp, "glow": build_glow}
 
 
 def build(arch: str, size: str = "small", hidden: int | None = None,
-          device: torch.device = CPU) -> dict[str, Contender]:
-    """The two models of ``arch``, seeded, on ``device``: {"couplings": ..., "normflows": ...}."""
+          device: torch.device = CPU, normflows_weight_norm: bool = True) -> dict[str, Contender]:
+    """The two models of ``arch``, seeded, on ``device``: {"couplings": ..., "normflows": ...}.
+    ``normflows_weight_norm``: weight-norm the normflows s/t convolutions that couplings does."""
     nf = import_normflows()
     torch.manual_seed(0)
     with warnings.catch_warnings():  # normflows' Invertible1x1Conv still calls the deprecated torch.lu
         warnings.filterwarnings("ignore", message="torch.lu is deprecated")
-        ours, theirs = BUILDERS[arch](nf, size, hidden)
+        ours, theirs = BUILDERS[arch](nf, size, hidden, normflows_weight_norm)
     ours.model.to(device)
     theirs.model.to(device)
     return {"couplings": ours, "normflows": theirs}
@@ -244,9 +253,9 @@ def _significant(value: float, digits: int = 4) -> float:
 
 def run(arch: str, modes: tuple[str, ...] = ("train", "sample"), steps: int = 10, batch_size: int = 64,
         sample_batch: int = 256, size: str = "small", hidden: int | None = None,
-        device: torch.device = CPU) -> list[dict]:
+        device: torch.device = CPU, normflows_weight_norm: bool = True) -> list[dict]:
     """Times both libraries on ``arch``: one result row per mode."""
-    contenders = build(arch, size, hidden, device)
+    contenders = build(arch, size, hidden, device, normflows_weight_norm)
     pixels = torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1)).to(device)
     x = dequantize(pixels, generator=torch.Generator(device=device).manual_seed(2))
@@ -293,17 +302,20 @@ def run(arch: str, modes: tuple[str, ...] = ("train", "sample"), steps: int = 10
 
 
 def benchmark(archs=ARCHS, mode: str = "both", steps: int = 10, batch_size: int = 64, sample_batch: int = 256,
-              size: str = "small", hidden: int | None = None, device: str = "cpu", threads: int | None = None) -> dict:
+              size: str = "small", hidden: int | None = None, device: str = "cpu", threads: int | None = None,
+              normflows_weight_norm: bool = True) -> dict:
     """The whole report: hardware, versions, settings and one row per (arch, mode)."""
     nf = import_normflows()
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     modes = ("train", "sample") if mode == "both" else (mode,)
-    results = [row for arch in archs for row in run(arch, modes, steps, batch_size, sample_batch, size, hidden, dev)]
+    results = [row for arch in archs
+               for row in run(arch, modes, steps, batch_size, sample_batch, size, hidden, dev, normflows_weight_norm)]
     return {"hardware": describe(dev), "torch": torch.__version__, "normflows": nf.__version__,
             "device": dev.type, "threads": torch.get_num_threads(), "size": size, "hidden": hidden,
-            "steps": steps, "batch_size": batch_size, "sample_batch": sample_batch, "results": results}
+            "steps": steps, "batch_size": batch_size, "sample_batch": sample_batch,
+            "normflows_weight_norm": normflows_weight_norm, "results": results}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,11 +329,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, help="override the preset's width (NICE units, Real NVP/Glow channels)")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--no-normflows-weight-norm", dest="normflows_weight_norm", action="store_false",
+                        help="plain normflows s/t convolutions (less work than couplings' weight-normed ones)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 2 or args.sample_batch < 1:
         parser.error("need --steps >= 1, --batch-size >= 2 (batch norm) and --sample-batch >= 1")
     report = benchmark(args.arch, args.mode, args.steps, args.batch_size, args.sample_batch, args.size,
-                       args.hidden, args.device, args.threads)
+                       args.hidden, args.device, args.threads, args.normflows_weight_norm)
     print(json.dumps(report))
 
 

@@ -53,27 +53,33 @@ def test_both_models_are_of_equal_size_and_score_the_same_batch(arch):
 
 
 def _conv_and_norm_layers(model: torch.nn.Module, skip: tuple[type, ...] = ()) -> tuple[list, int]:
-    """Every convolution's weight shape (sorted) and the number of batch norms, outside ``skip``."""
+    """Every convolution's (weight shape, weight-normed?), sorted, and the number of batch norms,
+    outside ``skip``."""
     skipped = {id(m) for s in model.modules() if isinstance(s, skip) for m in s.modules()}
     convs, norms = [], 0
     for m in model.modules():
         if id(m) in skipped:
             continue
         if isinstance(m, (torch.nn.Conv2d, WeightNormConv2d)):
-            convs.append(tuple(m.weight.shape))
+            weight_normed = isinstance(m, WeightNormConv2d) or torch.nn.utils.parametrize.is_parametrized(m, "weight")
+            convs.append((tuple(m.weight.shape), weight_normed))
         norms += isinstance(m, torch.nn.BatchNorm2d)
     return sorted(convs), norms
 
 
 @pytest.mark.parametrize("arch", ["realnvp", "glow"])
-def test_image_pairs_have_the_same_convolutions_and_batch_norms(arch):
-    """Equal work: the s/t nets have the same convolutions (in, out, kernel) and batch norms on
-    both sides; only couplings' Glow has more, the learned prior's convolution per split."""
+def test_image_pairs_have_the_same_convolutions_and_normalisations(arch):
+    """Equal work: the s/t nets have the same convolutions (in, out, kernel, weight norm) and
+    batch norms on both sides; only couplings' Glow has more, the learned prior's convolution
+    per split. The parameter counts differ by Real NVP's tanh factors and Glow's priors only."""
     pair = peer.build(arch)
     ours = _conv_and_norm_layers(pair["couplings"].model, skip=(LearnedSplitPrior,))
     theirs = _conv_and_norm_layers(pair["normflows"].model)
     assert ours == theirs
-    assert ours[1] > 0 and all(shape[-2:] == (3, 3) for shape in ours[0])
+    assert ours[1] > 0 and all(shape[-2:] == (3, 3) for shape, _ in ours[0]) and any(wn for _, wn in ours[0])
+    assert pair["couplings"].parameters - pair["normflows"].parameters == {"realnvp": 16, "glow": 36}[arch]
+    plain = peer.build(arch, normflows_weight_norm=False)["normflows"].model
+    assert not any(wn for _, wn in _conv_and_norm_layers(plain)[0])
 
 
 def test_nice_pair_is_the_same_function_given_the_same_weights():
