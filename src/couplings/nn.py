@@ -67,22 +67,44 @@ def _wn_conv(in_channels: int, out_channels: int, kernel: int) -> nn.Module:
     return WeightNormConv2d(in_channels, out_channels, kernel)
 
 
+def _frozen_affine(norm: nn.BatchNorm2d, x: Tensor, *modules: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """An eval-mode batch norm as the per-channel affine map of its running statistics,
+    ``(alpha, beta)`` with ``alpha = weight / sqrt(var + eps)`` and ``beta = bias - mean * alpha``
+    (as PyTorch's CPU kernel computes it), when nothing needs autograd: not ``x``, not the
+    parameters of ``norm`` and ``modules``. Else (training mode, gradients) None."""
+    if norm.training or not norm.affine or norm.running_mean is None:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in (norm, *modules) for p in m.parameters())):
+        return None
+    alpha = norm.weight * (norm.running_var + norm.eps).sqrt().reciprocal()
+    return alpha, norm.bias - norm.running_mean * alpha
+
+
 def _norm_relu(norm: nn.BatchNorm2d, relu: nn.Module, x: Tensor, owned: bool) -> Tensor:
     """``relu(norm(x))``; ``owned``: nothing else reads ``x`` afterwards.
 
-    In eval mode without autograd (sampling, evaluation) the batch norm is the per-channel affine
-    map of its running statistics, ``x * alpha + beta`` with ``alpha = weight / sqrt(var + eps)``
-    and ``beta = bias - mean * alpha`` as PyTorch's CPU kernel computes it; on an owned ``x`` it
-    is done in place. At a sampling batch that saves a fresh activation-sized tensor per layer:
+    In eval mode without autograd (sampling, evaluation) and on an owned ``x``, the batch norm
+    is done in place: at a sampling batch that saves a fresh activation-sized tensor per layer,
     memory the allocator would otherwise hand back to the OS and fault in again page by page.
     """
-    if owned and not norm.training and norm.affine and norm.running_mean is not None and not (
-            torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad)):
-        alpha = norm.weight * (norm.running_var + norm.eps).sqrt().reciprocal()
-        beta = norm.bias - norm.running_mean * alpha
-        shape = (1, -1, 1, 1)
-        return torch.addcmul(beta.view(shape), x, alpha.view(shape), out=x).relu_()
-    return relu(norm(x))
+    affine = _frozen_affine(norm, x) if owned else None
+    if affine is None:
+        return relu(norm(x))
+    alpha, beta = affine
+    shape = (1, -1, 1, 1)
+    return torch.addcmul(beta.view(shape), x, alpha.view(shape), out=x).relu_()
+
+
+def _conv_norm_relu(conv: WeightNormConv2d, norm: nn.BatchNorm2d, relu: nn.Module, x: Tensor) -> Tensor:
+    """``relu(norm(conv(x)))``. In eval mode without autograd the batch norm is folded into the
+    convolution (weight times ``alpha`` per output channel, bias ``bias * alpha + beta``): one
+    pass over the activations fewer, the same values up to float rounding."""
+    affine = _frozen_affine(norm, x, conv)
+    if affine is None:
+        return _norm_relu(norm, relu, conv(x), owned=True)
+    alpha, beta = affine
+    weight = conv.weight * alpha.view(-1, 1, 1, 1)
+    return F.conv2d(x, weight, torch.addcmul(beta, conv.bias, alpha), padding=conv.padding).relu_()
 
 
 class ResidualBlock(nn.Module):
@@ -98,9 +120,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         norm1, relu1, conv1, norm2, relu2, conv2 = self.body
-        h = conv1(_norm_relu(norm1, relu1, x, owned=False))  # x is still needed for the sum
-        h = conv2(_norm_relu(norm2, relu2, h, owned=True))
-        return h.add_(x)  # = x + h; the convolution's output is not needed for its backward
+        h = _norm_relu(norm1, relu1, x, owned=False)  # x is still needed for the sum
+        return conv2(_conv_norm_relu(conv1, norm2, relu2, h)).add_(x)  # = x + h, in place on the conv's output
 
 
 class ResNet(nn.Module):
@@ -124,8 +145,10 @@ class ResNet(nn.Module):
         nn.init.zeros_(self.tail[-1].bias)
 
     def _layers(self, x: Tensor) -> Tensor:
-        h = self.blocks(self.head(x))  # a fresh tensor: the head's or the last block's output
         norm, relu, conv = self.tail
+        if not self.blocks:  # the tail's batch norm follows the head convolution
+            return conv(_conv_norm_relu(self.head, norm, relu, x))
+        h = self.blocks(self.head(x))  # a fresh tensor: the last block's output
         return conv(_norm_relu(norm, relu, h, owned=True))
 
     def forward(self, x):
