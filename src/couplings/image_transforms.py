@@ -37,9 +37,10 @@ class Logit(Transform):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         p = self.alpha + (1 - 2 * self.alpha) * x
-        z = torch.log(p) - torch.log1p(-p)
+        log_p, log_1mp = torch.log(p), torch.log1p(-p)
+        z = log_p - log_1mp
         # dz/dx = (1 - 2 alpha) / (p (1 - p))
-        logabsdet = _per_sample_sum(math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p))
+        logabsdet = _per_sample_sum(math.log(1 - 2 * self.alpha) - log_p - log_1mp)
         return z, logabsdet
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
