@@ -47,7 +47,8 @@ test: install
 
 # Side by side with normflows on matched architectures (one JSON object), then our own throughput.
 bench: install
-	$(BIN)/python benchmarks/peer.py
+	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30
+	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30 --mode train --couplings-adam fused
 	$(BIN)/python benchmarks/speed.py
 
 clean:

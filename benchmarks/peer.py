@@ -253,8 +253,10 @@ def _significant(value: float, digits: int = 4) -> float:
 
 def run(arch: str, modes: tuple[str, ...] = ("train", "sample"), steps: int = 10, batch_size: int = 64,
         sample_batch: int = 256, size: str = "small", hidden: int | None = None,
-        device: torch.device = CPU, normflows_weight_norm: bool = True) -> list[dict]:
-    """Times both libraries on ``arch``: one result row per mode."""
+        device: torch.device = CPU, normflows_weight_norm: bool = True, couplings_adam: str = "default") -> list[dict]:
+    """Times both libraries on ``arch``: one result row per mode. ``couplings_adam`` ("foreach",
+    "fused") gives couplings' side that Adam implementation (a couplings fast path, `--set
+    adam=...`); normflows always gets PyTorch's default Adam."""
     contenders = build(arch, size, hidden, device, normflows_weight_norm)
     pixels = torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1)).to(device)
@@ -277,7 +279,9 @@ def run(arch: str, modes: tuple[str, ...] = ("train", "sample"), steps: int = 10
     names = list(contenders)
     for c in contenders.values():
         c.model.train()
-    train = [train_step(c, torch.optim.Adam(c.model.parameters(), lr=1e-3)) for c in contenders.values()]
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[couplings_adam]
+    train = [train_step(c, torch.optim.Adam(c.model.parameters(), lr=1e-3, **(impl if name == "couplings" else {})))
+             for name, c in contenders.items()]
     _alternate(train, WARMUP_STEPS, device)  # also initialises ActNorm, in every mode
     rows = []
     for mode in modes:
@@ -303,7 +307,7 @@ def run(arch: str, modes: tuple[str, ...] = ("train", "sample"), steps: int = 10
 
 def benchmark(archs=ARCHS, mode: str = "both", steps: int = 10, batch_size: int = 64, sample_batch: int = 256,
               size: str = "small", hidden: int | None = None, device: str = "cpu", threads: int | None = None,
-              normflows_weight_norm: bool = True) -> dict:
+              normflows_weight_norm: bool = True, couplings_adam: str = "default") -> dict:
     """The whole report: hardware, versions, settings and one row per (arch, mode)."""
     nf = import_normflows()
     if threads is not None:
@@ -311,11 +315,12 @@ def benchmark(archs=ARCHS, mode: str = "both", steps: int = 10, batch_size: int 
     dev = resolve_device(device)
     modes = ("train", "sample") if mode == "both" else (mode,)
     results = [row for arch in archs
-               for row in run(arch, modes, steps, batch_size, sample_batch, size, hidden, dev, normflows_weight_norm)]
+               for row in run(arch, modes, steps, batch_size, sample_batch, size, hidden, dev, normflows_weight_norm,
+                              couplings_adam)]
     return {"hardware": describe(dev), "torch": torch.__version__, "normflows": nf.__version__,
             "device": dev.type, "threads": torch.get_num_threads(), "size": size, "hidden": hidden,
             "steps": steps, "batch_size": batch_size, "sample_batch": sample_batch,
-            "normflows_weight_norm": normflows_weight_norm, "results": results}
+            "normflows_weight_norm": normflows_weight_norm, "couplings_adam": couplings_adam, "results": results}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,11 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-normflows-weight-norm", dest="normflows_weight_norm", action="store_false",
                         help="plain normflows s/t convolutions (less work than couplings' weight-normed ones)")
+    parser.add_argument("--couplings-adam", choices=["default", "foreach", "fused"], default="default",
+                        help="couplings' Adam implementation (normflows keeps PyTorch's default)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 2 or args.sample_batch < 1:
         parser.error("need --steps >= 1, --batch-size >= 2 (batch norm) and --sample-batch >= 1")
     report = benchmark(args.arch, args.mode, args.steps, args.batch_size, args.sample_batch, args.size,
-                       args.hidden, args.device, args.threads, args.normflows_weight_norm)
+                       args.hidden, args.device, args.threads, args.normflows_weight_norm, args.couplings_adam)
     print(json.dumps(report))
 
 

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--adam", default="default", choices=["default", "foreach", "fused"])
+    parser.add_argument("--adam", default="auto", choices=["auto", "default", "foreach", "fused"])
     args = parser.parse_args()
 
     entry = MODELS[args.model]

@@ -24,6 +24,7 @@ OPTIONS = {
     "channels_last": ({"channels_last": True}, 1e-5),
     "foreach_adam": ({"adam": "foreach"}, 1e-5),
     "fused_adam": ({"adam": "fused"}, 1e-5),
+    "auto_adam": ({"adam": "auto"}, 1e-5),  # the default: fused here
     "bf16": ({"precision": "bf16"}, 3e-2),
     "compile": ({"compile": True}, 1e-4),
 }
@@ -64,7 +65,7 @@ def test_fast_path_matches_the_plain_path(name, option):
     plain.log_prob(x[:8])  # data-dependent initialisation (ActNorm) before copying
     fast = copy.deepcopy(plain)
 
-    plain_loss, plain_grad, plain_step = _one_step(plain, TrainConfig(), x)
+    plain_loss, plain_grad, plain_step = _one_step(plain, TrainConfig(adam="default"), x)
     fast_loss, fast_grad, fast_step = _one_step(fast, TrainConfig(**overrides), x)
 
     assert fast_loss == pytest.approx(plain_loss, rel=rtol)
@@ -93,5 +94,11 @@ def test_unknown_fast_path_values_are_config_errors():
 
     with pytest.raises(ConfigError, match="precision fp32 or bf16"):
         TrainConfig(precision="fp16")
-    with pytest.raises(ConfigError, match="adam default, foreach or fused"):
+    with pytest.raises(ConfigError, match="adam auto, default, foreach or fused"):
         TrainConfig(adam="sgd")
+
+
+def test_auto_adam_is_the_fused_kernel_where_pytorch_has_one():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    assert make_adam([weight], TrainConfig(), lr=1e-3).defaults["fused"]  # PyTorch 2.13 has a fused CPU Adam
+    assert not make_adam([weight], TrainConfig(adam="default"), lr=1e-3).defaults["fused"]

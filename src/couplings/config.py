@@ -52,7 +52,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's negative log-likelihood
     precision: str = "fp32"  # "bf16": autocast matmuls and convolutions; log-dets and the loss stay float32
     channels_last: bool = False  # channels-last memory format for the convolutions
-    adam: str = "default"  # "foreach" or "fused": multi-tensor Adam kernels
+    adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -64,8 +64,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, found {self.max_steps}")
-        if self.precision not in ("fp32", "bf16") or self.adam not in ("default", "foreach", "fused"):
-            raise ConfigError(f"need precision fp32 or bf16 and adam default, foreach or fused; "
+        if self.precision not in ("fp32", "bf16") or self.adam not in ("auto", "default", "foreach", "fused"):
+            raise ConfigError(f"need precision fp32 or bf16 and adam auto, default, foreach or fused; "
                               f"found {self.precision!r} and {self.adam!r}")
         if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
             raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")

@@ -207,9 +207,17 @@ def fit_flow(session: Session) -> None:
 
 
 def make_adam(params, cfg, lr: float) -> torch.optim.Adam:
-    """Adam with the run's betas, eps and weight decay, and its ``adam`` implementation."""
+    """Adam with the run's betas, eps and weight decay, and its ``adam`` implementation ("auto":
+    the fused kernel where this PyTorch has one for the parameters' device, else the default)."""
+    params = list(params)
+    options = {"lr": lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.adam == "auto":
+        try:
+            return torch.optim.Adam(params, fused=True, **options)
+        except RuntimeError:  # e.g. an older PyTorch without a fused CPU Adam
+            return torch.optim.Adam(params, **options)
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.adam]
-    return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
+    return torch.optim.Adam(params, **options, **impl)
 
 
 def training_nll(model, cfg, device: torch.device):
