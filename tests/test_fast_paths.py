@@ -65,20 +65,30 @@ def test_fast_path_matches_the_plain_path(name, option):
     plain.log_prob(x[:8])  # data-dependent initialisation (ActNorm) before copying
     fast = copy.deepcopy(plain)
 
+    # log_prob (as the mean negative log-likelihood), eval mode, the same weights, through each path.
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        plain_nll = training_nll(plain, TrainConfig(), torch.device("cpu"))(x).item()
+        fast_nll = training_nll(fast, TrainConfig(**overrides), torch.device("cpu"))(x).item()
+    assert fast_nll == pytest.approx(plain_nll, rel=rtol)
+    plain.train(), fast.train()
+
+    # One training step: the loss, the gradient and (for the Adam kernels) the update.
     plain_loss, plain_grad, plain_step = _one_step(plain, TrainConfig(adam="default"), x)
     fast_loss, fast_grad, fast_step = _one_step(fast, TrainConfig(**overrides), x)
-
     assert fast_loss == pytest.approx(plain_loss, rel=rtol)
     scale = plain_grad.abs().max()
     if option == "bf16":  # rounded activations: the same direction, not the same digits
         assert torch.nn.functional.cosine_similarity(fast_grad, plain_grad, dim=0) > 0.99
     else:
-        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-3, atol=1e-5 * scale)
-    if option.endswith("_adam"):  # the same gradient in: the same update out
+        # atol: a batch norm's log-scale gradient is a sum of B*H*W terms that cancel to about 0, so
+        # float32 rounding in another summation order (compile) leaves a few 1e-4 there.
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-3, atol=1e-4 * scale)
+    if option.endswith("_adam"):  # the same gradient in: the same update and the same model out
         torch.testing.assert_close(fast_step, plain_step, rtol=1e-4, atol=1e-7)  # lr is 1e-3
-    plain.eval(), fast.eval()
-    with torch.inference_mode():  # the two models after their steps, scored in float32
-        torch.testing.assert_close(fast.log_prob(x), plain.log_prob(x), rtol=5e-3 if option == "bf16" else 1e-4, atol=1e-3)
+        plain.eval(), fast.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(fast.log_prob(x), plain.log_prob(x), rtol=1e-5, atol=1e-3)
 
 
 def test_training_loss_is_float32_under_bf16_autocast():
