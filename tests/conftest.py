@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +57,18 @@ def tiny_dataset(tmp_path, monkeypatch) -> Path:
     monkeypatch.setitem(data.DATASETS, "tiny", write_tiny_dataset(root))
     monkeypatch.setenv("COUPLINGS_DATA", str(root))
     return root
+
+
+# Runs `couplings` in a child process that knows the synthetic dataset "tiny" ($COUPLINGS_DATA is inherited).
+_CHILD = (
+    "import json, sys\n"
+    "from couplings import data\n"
+    "from couplings.cli import main\n"
+    "data.DATASETS['tiny'] = data.DatasetSpec(name='tiny', md5=json.loads(sys.argv[1]))\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+def cli_child(*argv: str) -> list[str]:
+    """The command line of a child process running ``couplings *argv`` with dataset "tiny"."""
+    return [sys.executable, "-c", _CHILD, json.dumps(data.DATASETS["tiny"].md5), *argv]

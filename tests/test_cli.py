@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from couplings import checkpoint, data
+from conftest import cli_child
+from couplings import checkpoint
 from couplings.cli import main
 
 TINY = ["--dataset", "tiny", "--set", "size=small", "--set", "hidden_units=32", "--set", "val_size=50",
@@ -166,16 +167,8 @@ def test_resume_recreates_a_missing_samples_directory(run_dir):
 
 
 def test_sigterm_stops_after_the_current_step_and_checkpoints(tiny_dataset, tmp_path):
-    script = (
-        "import json, sys\n"
-        "from couplings import data\n"
-        "from couplings.cli import main\n"
-        "data.DATASETS['tiny'] = data.DatasetSpec(name='tiny', md5=json.loads(sys.argv[1]))\n"
-        "sys.exit(main(sys.argv[2:]))\n"
-    )
     out = tmp_path / "run"
-    argv = [sys.executable, "-c", script, json.dumps(data.DATASETS["tiny"].md5),
-            "train", "nice", "--out", str(out), *TINY, "--epochs", "100000"]
+    argv = cli_child("train", "nice", "--out", str(out), *TINY, "--epochs", "100000")
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)  # inherits $COUPLINGS_DATA
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists():  # the first epoch is done: training is under way

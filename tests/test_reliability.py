@@ -9,13 +9,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from couplings import checkpoint, data
+from conftest import cli_child
+from couplings import checkpoint
 from couplings.cli import main
 from couplings.config import TrainConfig
 from couplings.session import Session
@@ -24,23 +24,12 @@ from couplings.transforms import AdditiveCoupling
 TINY = ["--dataset", "tiny", "--set", "size=small", "--set", "hidden_units=32", "--set", "val_size=50",
         "--set", "samples_per_epoch=4", "--batch-size", "40", "--device", "cpu", "--quiet"]  # 6 steps per epoch
 
-# Runs `couplings` in a child process that knows the synthetic dataset "tiny".
-_CHILD = (
-    "import json, sys\n"
-    "from couplings import data\n"
-    "from couplings.cli import main\n"
-    "data.DATASETS['tiny'] = data.DatasetSpec(name='tiny', md5=json.loads(sys.argv[1]))\n"
-    "sys.exit(main(sys.argv[2:]))\n"
-)
-
-
 def _train(out, *extra):
     return main(["train", "nice", "--out", str(out), *TINY, *extra])
 
 
 def _child(out, *extra) -> list[str]:
-    return [sys.executable, "-c", _CHILD, json.dumps(data.DATASETS["tiny"].md5),
-            "train", "nice", "--out", str(out), *TINY, *extra]
+    return cli_child("train", "nice", "--out", str(out), *TINY, *extra)
 
 
 def _assert_same_weights(a, b):

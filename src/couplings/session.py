@@ -7,7 +7,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,7 +202,10 @@ class Session:
         finite = torch.isfinite(objective)
         if finite:  # backward through a NaN loss is wasted work
             objective.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+            if self.cfg.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             finite = torch.isfinite(norm)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
@@ -259,8 +262,8 @@ class Session:
 
     def _locate_fault(self, loss_fn, idx, generator) -> str:
         """Re-runs a failing batch with hooks on every flow layer to name where it went wrong."""
-        eager = getattr(torch.compiler, "set_stance", None)  # hooks must see every layer: no compiled graph
-        with eager("force_eager") if eager else nullcontext(), _non_finite_trace(self.model) as found:
+        # The hooks must see every layer: run eagerly even if the loss was compiled.
+        with torch.compiler.set_stance("force_eager"), _non_finite_trace(self.model) as found:
             loss, objective = loss_fn(idx, generator)
         if found:
             return f"the first non-finite value was the {found[0]}"
