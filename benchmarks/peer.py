@@ -76,6 +76,7 @@ from couplings.models import NICE, Glow, MultiScaleFlow
 from couplings.models.glow import GLOW_PRESETS
 from couplings.models.nice import NICE_PRESETS
 from couplings.models.realnvp import REALNVP_PRESETS, RealNVPConfig
+from couplings.train import ADAM_KERNELS
 from couplings.transforms import Composite
 
 ARCHS = ("nice", "realnvp", "glow")
@@ -279,7 +280,7 @@ def run(arch: str, modes: tuple[str, ...] = ("train", "sample"), steps: int = 10
     names = list(contenders)
     for c in contenders.values():
         c.model.train()
-    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[couplings_adam]
+    impl = ADAM_KERNELS[couplings_adam]
     train = [train_step(c, torch.optim.Adam(c.model.parameters(), lr=1e-3, **(impl if name == "couplings" else {})))
              for name, c in contenders.items()]
     _alternate(train, WARMUP_STEPS, device)  # also initialises ActNorm, in every mode

@@ -206,6 +206,10 @@ def fit_flow(session: Session) -> None:
             break
 
 
+# The ``adam`` option's explicit choices -> torch.optim.Adam keyword arguments.
+ADAM_KERNELS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
 def make_adam(params, cfg, lr: float) -> torch.optim.Adam:
     """Adam with the run's betas, eps and weight decay, and its ``adam`` implementation ("auto":
     the fused kernel where this PyTorch has one for the parameters' device, else the default)."""
@@ -216,8 +220,7 @@ def make_adam(params, cfg, lr: float) -> torch.optim.Adam:
             return torch.optim.Adam(params, fused=True, **options)
         except RuntimeError:  # e.g. an older PyTorch without a fused CPU Adam
             return torch.optim.Adam(params, **options)
-    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.adam]
-    return torch.optim.Adam(params, **options, **impl)
+    return torch.optim.Adam(params, **options, **ADAM_KERNELS[cfg.adam])
 
 
 def training_nll(model, cfg, device: torch.device):
