@@ -69,14 +69,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from couplings.evaluate import dequantize
+from couplings.likelihood import dequantize
 from couplings.hardware import describe, resolve_device
-from couplings.image_transforms import AffineCoupling2d, Logit, Squeeze
+from couplings.transforms import AffineCoupling2d, Logit, Squeeze
 from couplings.models import NICE, Glow, MultiScaleFlow
 from couplings.models.glow import GLOW_PRESETS
 from couplings.models.nice import NICE_PRESETS
 from couplings.models.realnvp import REALNVP_PRESETS, RealNVPConfig
-from couplings.train import ADAM_KERNELS
+from couplings.training.optim import ADAM_KERNELS
 from couplings.transforms import Composite
 
 ARCHS = ("nice", "realnvp", "glow")

@@ -5,7 +5,7 @@
     python benchmarks/speed.py --compile --adam fused               # the training fast paths
 
 Training steps are full optimizer steps (forward, backward, Adam) on dequantized random
-images, through the same loss and optimizer the trainer builds (`couplings.train`), after two
+images, through the same loss and optimizer the trainer builds (`couplings.training`), after two
 warm-up steps (a compiled loss compiles in the first); sampling draws batches under
 inference_mode.
 """
@@ -18,11 +18,12 @@ import time
 
 import torch
 
-from couplings.checkpoint import build_model
-from couplings.evaluate import dequantize
+from couplings.models import build_model
+from couplings.likelihood import dequantize
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS
-from couplings.train import make_adam, training_nll
+from couplings.training.optim import make_adam
+from couplings.training.pixel import training_nll
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -58,7 +59,8 @@ def main() -> None:
     model = build_model(args.model, vars(entry.config(**entry.presets[size]))).to(device)
     cfg = entry.train_config(compile=args.compile, precision=args.precision, channels_last=args.channels_last,
                              adam=args.adam)
-    optimizer = make_adam(model.parameters(), cfg, cfg.lr)
+    optimizer = make_adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          kernel=cfg.adam)
     nll = training_nll(model, cfg, device)
     pixels = torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8, device=device)
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import idx_bytes, write_tiny_dataset
-from couplings import checkpoint, data
+from couplings import checkpoint, data, files
 from couplings.cli import main
 
 SMALL = ["--set", "size=small", "--set", "hidden_units=8", "--set", "val_size=50", "--set", "samples_per_epoch=2",
@@ -206,7 +206,7 @@ def test_full_disk_while_writing_a_report_leaves_no_report(trained, tiny_dataset
         path.write_text("# half a rep")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(report, "_write", full_disk)
+    monkeypatch.setattr(report, "write", full_disk)
     run = Path(shutil.copytree(trained, tmp_path / "run"))
     code = main(["compare", str(run), "--out", str(tmp_path / "report"), "--samples", "0", "--draws", "1",
                  "--device", "cpu"])
@@ -436,8 +436,8 @@ def test_full_disk_while_writing_the_cache_leaves_no_partial_file(tmp_path, monk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # delayed allocation fails at sync
         return real_fsync(fd)
 
-    monkeypatch.setattr(data, "open", full_open, raising=False)
-    monkeypatch.setattr(data.os, "fsync", full_fsync)
+    monkeypatch.setattr(files, "open", full_open, raising=False)  # every write goes through couplings.files
+    monkeypatch.setattr(files.os, "fsync", full_fsync)
     _fails(capsys, ["data", "fetch", "odd"], 1, f"cannot write {directory / victim}: No space left on device",
            f"(needed {len(GOOD_FILES[victim])} bytes); nothing was left under that name")
     assert half_written, "the full disk was not simulated"

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
-from couplings.config import TrainConfig
-from couplings.evaluate import dequantize
+from couplings.config import PixelTrainConfig as TrainConfig
+from couplings.likelihood import dequantize
 from couplings.models import NICE, Glow, RealNVP
-from couplings.train import make_adam, training_nll
+from couplings.training.optim import make_adam
+from couplings.training.pixel import training_nll
 
 MODELS = {
     "nice": lambda: NICE(couplings=2, hidden_layers=1, hidden_units=16),
@@ -36,11 +37,15 @@ def _batch(n: int = 16) -> torch.Tensor:
     return dequantize(pixels, generator)
 
 
+def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
+    return make_adam(params, lr=1e-3, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, kernel=cfg.adam)
+
+
 def _one_step(model, cfg: TrainConfig, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """The loss on ``x``, its gradient and the change of every parameter in one Adam step (flattened)."""
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     nll = training_nll(model, cfg, torch.device("cpu"))
-    optimizer = make_adam(model.parameters(), cfg, lr=1e-3)
+    optimizer = _adam(model.parameters(), cfg)
     loss = nll(x)
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -110,5 +115,5 @@ def test_unknown_fast_path_values_are_config_errors():
 
 def test_auto_adam_is_the_fused_kernel_where_pytorch_has_one():
     weight = torch.nn.Parameter(torch.zeros(3))
-    assert make_adam([weight], TrainConfig(), lr=1e-3).defaults["fused"]  # PyTorch 2.13 has a fused CPU Adam
-    assert not make_adam([weight], TrainConfig(adam="default"), lr=1e-3).defaults["fused"]
+    assert _adam([weight], TrainConfig()).defaults["fused"]  # PyTorch 2.13 has a fused CPU Adam
+    assert not _adam([weight], TrainConfig(adam="default")).defaults["fused"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from couplings.evaluate import dequantize
-from couplings.models.multiscale import LearnedSplitPrior
+from couplings.likelihood import dequantize
+from couplings.transforms import LearnedSplitPrior
 from couplings.nn import WeightNormConv2d
 
 pytest.importorskip("normflows")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import write_tiny_dataset
 from couplings import data
-from couplings import report as report_module
+from couplings.report import collect as report_collect
 from couplings.cli import main
 from couplings.evaluation import NO_PIXEL_BPD
 from couplings.report import HEADERS, RunSummary, table
@@ -115,7 +115,7 @@ def test_report_table_matches_eval_json(built_report, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("evaluate_checkpoint should not run for a current eval.json")
 
-    monkeypatch.setattr(report_module, "evaluate_checkpoint", refuse)
+    monkeypatch.setattr(report_collect, "evaluate_checkpoint", refuse)
     assert _compare(runs[:2], out.parent / "report-again") == 0
 
 

@@ -6,14 +6,19 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from couplings.image_transforms import ActNorm, AffineCoupling2d, BatchNorm2dFlow, InvConv1x1, Logit, Squeeze
 from couplings.transforms import (
+    ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    AffineCoupling2d,
     BatchNormFlow,
     Composite,
     DiagonalScaling,
+    InvConv1x1,
+    Logit,
     Permutation,
+    Shift,
+    Squeeze,
     Transform,
 )
 
@@ -55,7 +60,8 @@ IMAGE_LAYERS = {
     "squeeze": (lambda: Squeeze(), (2, 2, 4)),
     "actnorm": (lambda: _initialized(ActNorm(3), (3, 2, 2)), (3, 2, 2)),
     "invconv1x1": (lambda: InvConv1x1(3, seed=1), (3, 2, 2)),
-    "batchnorm2d-eval": (lambda: BatchNorm2dFlow(2).eval(), (2, 2, 2)),
+    "batchnorm2d-eval": (lambda: BatchNormFlow(2, spatial=True, momentum=0.05, eps=1e-4).eval(), (2, 2, 2)),
+    "shift": (lambda: Shift(-0.5), (1, 2, 2)),
     "coupling-checkerboard-tanh": (lambda: AffineCoupling2d(1, "checkerboard", 0, 4, 1).eval(), (1, 4, 4)),
     "coupling-checkerboard-odd": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
     "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),

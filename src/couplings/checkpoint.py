@@ -1,14 +1,17 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and rebuilding models."""
+"""The checkpoint file format: atomic writes, safe loads (``weights_only=True``), rebuilding
+models, and the pretrained models shipped inside the package."""
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from couplings.models import MODELS, Flow
+from couplings.files import atomic_write
+from couplings.models import MODELS, Flow, build_model
 
 __all__ = [
     "FORMAT_VERSION",
@@ -22,8 +25,11 @@ __all__ = [
     "save",
 ]
 
-# Committed weights live in the repository's pretrained/ folder ($COUPLINGS_PRETRAINED overrides it).
-PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "pretrained"
+# The committed pretrained models are package data, so an installed wheel has them too
+# ($COUPLINGS_PRETRAINED points elsewhere).
+PRETRAINED = resources.files("couplings") / "pretrained"
+# A run directory's checkpoints (`couplings.rundir.RunDir`): the best by validation, and the newest.
+BEST, LAST = "best.pt", "last.pt"
 
 # 2: every RNG state ("rng") and the position inside an interrupted epoch ("pass").
 FORMAT_VERSION = 2
@@ -35,25 +41,15 @@ class CheckpointError(RuntimeError):
 
 
 def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Writes ``payload`` under a temporary name, syncs it, then renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Writes ``payload`` with the format version (`couplings.files.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f))
 
 
 def resolve(path: str | os.PathLike) -> Path:
     """A run directory -> its ``best.pt`` (else ``last.pt``); a file -> itself."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in (BEST, LAST):
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} is a directory without best.pt or last.pt; expected a run directory")
@@ -96,13 +92,6 @@ def _load_failure(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def build_model(name: str, model_config: dict[str, Any]) -> Flow:
-    """Builds model ``name`` from its config dict (as stored in a checkpoint)."""
-    entry = MODELS[name]
-    config = entry.config(**model_config)
-    return entry.cls(**vars(config))
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Flow, dict[str, Any]]:
     """Rebuilds a model from a checkpoint file or run directory alone.
 
@@ -122,8 +111,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 
 def pretrained_path(name: str) -> Path:
-    """The file of a committed pretrained model, e.g. "nice-mnist" -> pretrained/nice-mnist.pt."""
-    directory = Path(os.environ.get("COUPLINGS_PRETRAINED", PRETRAINED_DIR))
+    """The file of a committed pretrained model, e.g. "nice-mnist" -> couplings/pretrained/nice-mnist.pt."""
+    directory = Path(os.environ.get("COUPLINGS_PRETRAINED", str(PRETRAINED)))
     path = directory / f"{name}.pt"
     if not path.is_file():
         known = sorted(p.stem for p in directory.glob("*.pt")) if directory.is_dir() else []

@@ -17,19 +17,20 @@ from couplings import __version__, checkpoint, data
 from couplings.checkpoint import CheckpointError
 from couplings.config import ConfigError, TrainConfig, split_overrides
 from couplings.data import DatasetError
-from couplings.evaluate import NonFiniteLogProbError, dequantize
-from couplings.evaluation import evaluate_checkpoint, update_eval_file
+from couplings.evaluation import evaluate_checkpoint
 from couplings.hardware import resolve_device
 from couplings.images import save_grid
+from couplings.likelihood import NonFiniteLogProbError, dequantize
 from couplings.models import MODELS
 from couplings.report import compare
-from couplings.sampling import interpolate, temperature_sweep
-from couplings.train import StoppedBySignal, TrainingError, _new_run, _resumed_run, train
+from couplings.rundir import RunDir, RunDirBusy
+from couplings.sampling import interpolate, label_grid, temperature_sweep
+from couplings.training import StoppedBySignal, TrainingError, plan_run, run_plan
 
 # Errors that are the user's input or environment, reported as one line without a traceback:
 # usage errors exit with 2, runtime errors with 1.
 USAGE_ERRORS = (ConfigError,)
-RUNTIME_ERRORS = (ArithmeticError, CheckpointError, DatasetError, TrainingError, OSError, ValueError)
+RUNTIME_ERRORS = (ArithmeticError, CheckpointError, DatasetError, RunDirBusy, TrainingError, OSError, ValueError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,7 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     entry = MODELS[args.model]
-    size, model_overrides, train_overrides = split_overrides(args.overrides, entry.config, entry.train_config)
+    size, model_overrides, train_overrides = split_overrides(args.overrides, entry.config, entry.train_config, args.model)
     flags = {"dataset": args.dataset, "epochs": args.epochs, "max_steps": args.max_steps,
              "max_minutes": args.max_minutes, "batch_size": args.batch_size, "seed": args.seed,
              "checkpoint_every": args.checkpoint_every, "compile": args.compile, "precision": args.precision,
@@ -186,27 +187,15 @@ def _cmd_train(args) -> int:
             raise ConfigError("--resume needs --out pointing at the run to continue")
         dataset = train_overrides.get("dataset", TrainConfig.dataset)
         out = Path("runs") / f"{args.model}-{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-    _check_train(args, out, size, model_overrides, train_overrides)
+    _check_writable_dir(out, "--out")
+    # Everything is checked (options, run directory, checkpoint, data) before anything is printed or written.
+    plan = plan_run(args.model, out, train_overrides=train_overrides, model_overrides=model_overrides, size=size,
+                    resume=args.resume)
     if args.out is None:
         print(f"run directory: {out}", file=sys.stderr)
-    train(args.model, out, train_overrides=train_overrides, model_overrides=model_overrides, size=size,
-          device=args.device, resume=args.resume, progress=not args.quiet)
+    run_plan(plan, device=args.device, progress=not args.quiet)
     print(out)
     return 0
-
-
-def _check_train(args, out: Path, size, model_overrides: dict, train_overrides: dict) -> None:
-    """Refuses what train() would refuse before anything is printed or written: the run
-    directory, the options (with --resume, also the checkpoint they continue) and the data."""
-    _check_writable_dir(out, "--out")
-    if args.resume:
-        run, _ = _resumed_run(out, size, model_overrides, train_overrides)
-        if run["model"] != args.model:
-            raise ConfigError(f"--resume: expected a {args.model!r} run in {out}, found a {run['model']!r} run")
-        checkpoint.load_model(out / "last.pt")  # its weights must fit the model it names
-    else:
-        run = _new_run(args.model, out, size, model_overrides, train_overrides)
-    data.load_split(run["train"]["dataset"], "val", run["train"]["val_size"])
 
 
 def _check_writable_dir(directory: Path, what: str, must_exist: bool = False) -> None:
@@ -257,10 +246,10 @@ def _cmd_eval(args) -> int:
     elif "skipped" in quality:
         print(f"sample quality skipped: {quality['skipped']}")
     if args.pretrained:
-        return 0  # eval.json belongs in run directories; the pretrained/ folder stays as committed
+        return 0  # eval.json belongs in run directories; the package's pretrained models stay as shipped
     key = args.split if args.dataset is None else f"{result['dataset']}-{args.split}"
     key = key if args.temperature == 1.0 else f"{key}@T={args.temperature:g}"
-    eval_path = update_eval_file(Path(result["checkpoint"]).parent, key, result)
+    eval_path = RunDir(Path(result["checkpoint"]).parent).update_eval(key, result)
     print(f"wrote {eval_path}", file=sys.stderr)
     return 0
 
@@ -270,24 +259,20 @@ def _cmd_sample(args) -> int:
     args.run = _model_path(args)
     device = resolve_device(args.device)
     model, _ = checkpoint.load_model(args.run, device)
-    conditional = getattr(getattr(model, "config", None), "conditional", False)
+    conditional = model.conditional
     if args.temperatures and conditional:
         raise ConfigError("--temperatures is for unconditional models; use --temperature with --label instead")
     if args.label is not None and not conditional:
         raise ConfigError(f"--label needs a class-conditional model; {args.run} is not one")
-    if args.label is not None and args.label >= model.config.num_classes:
-        raise ConfigError(f"--label: expected 0-{model.config.num_classes - 1} for {args.run}, found {args.label}")
+    if args.label is not None and args.label >= model.num_classes:
+        raise ConfigError(f"--label: expected 0-{model.num_classes - 1} for {args.run}, found {args.label}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if conditional:
         # One row per digit (or only the one asked for), each row sorted by log-density, densest first.
         per_row = args.n or 10
-        digits = [args.label] if args.label is not None else list(range(model.config.num_classes))
-        rows = []
-        for digit in digits:
-            y = torch.full((per_row,), digit, device=device)
-            images, log_prob = model.sample_with_log_prob(per_row, y, args.temperature, generator)
-            rows.append(images[log_prob.argsort(descending=True)])
-        images, nrow = torch.cat(rows), per_row
+        labels = [args.label] if args.label is not None else None
+        images = label_grid(model, per_row, labels=labels, temperature=args.temperature, generator=generator)
+        nrow = per_row
     elif args.temperatures:
         images, nrow = temperature_sweep(model, args.temperatures, args.n or 8, args.seed), args.n or 8
     else:
@@ -313,7 +298,7 @@ def _cmd_interpolate(args) -> int:
     output = _checked_png(args.output)
     device = resolve_device(args.device)
     model, state = checkpoint.load_model(args.run, device)
-    if not getattr(model, "has_pixel_density", True):
+    if not model.has_pixel_density:
         raise ConfigError(f"{state['model']} maps images to a lossy embedding; interpolate needs an invertible pixel model")
     train_config = state.get("train", {})
     images, _ = data.load(train_config.get("dataset", "mnist"), "test")

@@ -1,4 +1,5 @@
-"""Training options and ``--set key=value`` overrides, parsed against dataclass field types."""
+"""Training options (common, pixel-space and latent) and ``--set key=value`` overrides, parsed
+against dataclass field types. Imports nothing but the standard library."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
-from couplings.data import DATASETS
-
-__all__ = ["ConfigError", "GlowTrainConfig", "LatentTrainConfig", "RealNVPTrainConfig", "TrainConfig", "apply_overrides", "parse_value", "split_overrides"]
+__all__ = [
+    "ConfigError",
+    "GlowTrainConfig",
+    "LatentTrainConfig",
+    "PixelTrainConfig",
+    "RealNVPTrainConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_stored",
+    "parse_value",
+    "split_overrides",
+]
 
 
 class ConfigError(ValueError):
@@ -20,55 +30,41 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Training options. The defaults are NICE's paper protocol on MNIST.
+    """The options every trainer reads: data, budget, optimizer, checkpoints and fault handling.
 
-    Adam with lr 1e-3, betas (0.9, 0.99) and eps 1e-4 is the paper's optimizer (its
-    "beta2 = 0.01" is written in the old 1 - beta convention); batch 200; the last 10k
-    training images are the validation set that picks ``best.pt``.
+    The defaults are NICE's paper protocol on MNIST: Adam with lr 1e-3, betas (0.9, 0.99) and
+    eps 1e-4 (the paper's "beta2 = 0.01" is written in the old 1 - beta convention); batch 200;
+    the last ``val_size`` training images are the validation set that picks ``best.pt``.
+    Whether ``dataset`` names a known dataset is checked when a run is planned
+    (`couplings.training.plan_run`), where the dataset registry is at hand.
     """
 
     dataset: str = "mnist"
     epochs: int = 1500
     max_steps: int | None = None
     max_minutes: float | None = None
-    target_bpd: float | None = None  # stop once validation bits/dim is at or below this (time-to-target runs)
     batch_size: int = 200
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-4
     weight_decay: float = 0.0
     val_size: int = 10_000
-    eval_batch_size: int = 1000
-    samples_per_epoch: int = 64
     seed: int = 0
     grad_clip: float | None = None
     warmup_steps: int = 0
-    wn_l2: float = 0.0
     checkpoint_every: int | None = None  # also write last.pt every this many steps inside an epoch
     max_bad_steps: int = 10  # consecutive non-finite steps skipped before rolling back
     max_rollbacks: int = 1  # rollbacks to last.pt before giving up with an error
     rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
-    # Fast paths (results equal the plain path within tolerance; see tests/test_fast_paths.py):
-    compile: bool = False  # torch.compile the model's negative log-likelihood
-    precision: str = "fp32"  # "bf16": autocast matmuls and convolutions; log-dets and the loss stay float32
-    channels_last: bool = False  # channels-last memory format for the convolutions
-    adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset must be one of {sorted(DATASETS)}, found {self.dataset!r}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be an integer in [0, 2**32), found {self.seed}")
-        for name in ("epochs", "batch_size", "val_size", "eval_batch_size", "samples_per_epoch"):
+        for name in ("epochs", "batch_size", "val_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, found {self.max_steps}")
-        if self.precision not in ("fp32", "bf16") or self.adam not in ("auto", "default", "foreach", "fused"):
-            raise ConfigError(f"need precision fp32 or bf16 and adam auto, default, foreach or fused; "
-                              f"found {self.precision!r} and {self.adam!r}")
-        if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
-            raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1 (or none), found {self.checkpoint_every}")
         if self.max_bad_steps < 1 or self.max_rollbacks < 0 or not 0 < self.rollback_lr_factor < 1:
@@ -82,15 +78,43 @@ class TrainConfig:
             raise ConfigError(f"need lr > 0, eps > 0, weight_decay >= 0; found {self.lr}, {self.eps}, {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), found {self.betas}")
-        if (self.grad_clip is not None and not self.grad_clip > 0) or self.warmup_steps < 0 or self.wn_l2 < 0:
+        if (self.grad_clip is not None and not self.grad_clip > 0) or self.warmup_steps < 0:
             raise ConfigError(
-                f"need grad_clip > 0 (or none), warmup_steps >= 0, wn_l2 >= 0; "
-                f"found {self.grad_clip}, {self.warmup_steps}, {self.wn_l2}"
+                f"need grad_clip > 0 (or none) and warmup_steps >= 0; found {self.grad_clip}, {self.warmup_steps}"
             )
 
 
 @dataclass
-class RealNVPTrainConfig(TrainConfig):
+class PixelTrainConfig(TrainConfig):
+    """What maximum likelihood on dequantized pixels adds (`couplings.training.pixel`): a target
+    to stop at, evaluation and sample sizes, Real NVP's weight-norm L2, and the fast paths
+    (their results equal the plain path within tolerance; see tests/test_fast_paths.py)."""
+
+    target_bpd: float | None = None  # stop once validation bits/dim is at or below this (time-to-target runs)
+    eval_batch_size: int = 1000
+    samples_per_epoch: int = 64
+    wn_l2: float = 0.0
+    compile: bool = False  # torch.compile the model's negative log-likelihood
+    precision: str = "fp32"  # "bf16": autocast matmuls and convolutions; log-dets and the loss stay float32
+    channels_last: bool = False  # channels-last memory format for the convolutions
+    adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("eval_batch_size", "samples_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16") or self.adam not in ("auto", "default", "foreach", "fused"):
+            raise ConfigError(f"need precision fp32 or bf16 and adam auto, default, foreach or fused; "
+                              f"found {self.precision!r} and {self.adam!r}")
+        if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
+            raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")
+        if self.wn_l2 < 0:
+            raise ConfigError(f"need wn_l2 >= 0, found {self.wn_l2}")
+
+
+@dataclass
+class RealNVPTrainConfig(PixelTrainConfig):
     """Real NVP's recipe: Adam 1e-3, batch 64, L2 5e-5 on the weight-norm scales only,
     gradient norms clipped at 100."""
 
@@ -103,7 +127,7 @@ class RealNVPTrainConfig(TrainConfig):
 
 
 @dataclass
-class GlowTrainConfig(TrainConfig):
+class GlowTrainConfig(PixelTrainConfig):
     """Glow's recipe: Adam 1e-3 with a linear learning-rate warm-up, batch 64, clipping at 50."""
 
     epochs: int = 100
@@ -176,12 +200,13 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     return _parse_typed(text, hints[key], key)
 
 
-def split_overrides(pairs: list[str], model_config: type, train_config: type = TrainConfig) -> tuple[str | None, dict, dict]:
+def split_overrides(pairs: list[str], model_config: type, train_config: type = PixelTrainConfig,
+                    model: str | None = None) -> tuple[str | None, dict, dict]:
     """Sorts ``key=value`` strings into (size preset, model fields, training fields).
 
     Raises:
-        ConfigError: A pair has no '=', or names a key that is neither a model
-            constructor argument, a training option, nor ``size``.
+        ConfigError: A pair has no '=', or names a key that is neither a model option, a
+            training option of ``train_config``, nor ``size`` (the message names ``model``).
     """
     model_keys = {f.name for f in fields(model_config)}
     train_keys = {f.name for f in fields(train_config)}
@@ -201,8 +226,17 @@ def split_overrides(pairs: list[str], model_config: type, train_config: type = T
             train[key] = parse_value(train_config, key, text.strip())
         else:
             known = ", ".join(sorted(model_keys | train_keys | {"size"}))
-            raise ConfigError(f"unknown key {key!r} in --set {pair}; known keys: {known}")
+            owner = f" of {model}" if model else ""
+            raise ConfigError(f"unknown key {key!r} in --set {pair}: not an option{owner}; known keys: {known}")
     return size, model, train
+
+
+def from_stored(cls: type, stored: dict) -> Any:
+    """Rebuilds dataclass ``cls`` from a dict stored in a checkpoint or config.json: lists back to
+    tuples, and fields that an older couplings stored but ``cls`` no longer has are dropped
+    (before the pixel and latent options were separated, every run stored all of them)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
 
 
 def apply_overrides(config: Any, overrides: dict) -> Any:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from couplings.files import atomic_write
+
 __all__ = ["DATASETS", "DatasetError", "DatasetSpec", "data_root", "fetch", "load", "load_split", "read_idx"]
 
 SPLIT_FILES = {
@@ -287,21 +289,13 @@ def _fetch_into(spec: DatasetSpec, files: list[str], staging: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes under a temporary name, syncs and renames, so no half-written file is ever visible
-    under the final name (a full disk or a crash leaves the old state, never a truncated file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """`couplings.files.atomic_write`, its failure said as a `DatasetError` naming the file."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except OSError as e:
         raise DatasetError(
             f"cannot write {path}: {e.strerror or e} (needed {len(data)} bytes); nothing was left under that name"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _http_get(url: str) -> bytes:

@@ -2,47 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from couplings import checkpoint, metrics
-from couplings.data import load_split
 from couplings.classifier import load_classifier
 from couplings.config import TrainConfig
-from couplings.evaluate import dequantize, log_probs, nats_to_bits_per_dim
+from couplings.data import load_split
 from couplings.hardware import describe
+from couplings.likelihood import dequantize, log_probs, nats_to_bits_per_dim
 from couplings.models import MODELS
+from couplings.sampling import draw_samples
 
-__all__ = ["NO_PIXEL_BPD", "draw_samples", "evaluate_checkpoint", "reconstruction_error", "update_eval_file"]
+__all__ = ["NO_PIXEL_BPD", "evaluate_checkpoint", "reconstruction_error"]
 
 NO_PIXEL_BPD = "latent density: no pixel bits/dim"
-
-
-@torch.inference_mode()
-def draw_samples(
-    model, n: int, *, temperature: float = 1.0, seed: int = 0, batch_size: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n`` samples in [0, 1] (CPU) and, for a class-conditional model, the labels they were
-    drawn for (0, 1, ..., 9, 0, ...); labels are None for an unconditional model."""
-    conditional = getattr(getattr(model, "config", None), "conditional", False)
-    device = model.prior.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(n) % model.config.num_classes if conditional else None
-    chunks = []
-    for start in range(0, n, batch_size):
-        y = None if labels is None else labels[start : start + batch_size].to(device)
-        count = min(batch_size, n - start)
-        chunks.append(model.sample(count, y, temperature=temperature, generator=generator).float().cpu())
-    samples = torch.cat(chunks)
-    bad = int((~torch.isfinite(samples)).flatten(1).any(1).sum())
-    if bad:
-        raise ArithmeticError(f"{bad} of {n} samples are not finite")
-    return samples, labels
 
 
 @torch.inference_mode()
@@ -57,7 +34,7 @@ def reconstruction_error(model, images, *, batch_size: int = 1000, seed: int = 0
     for start in range(0, len(pixels), batch_size):
         x = dequantize(pixels[start : start + batch_size].to(device), generator, dtype)
         z, _ = model.transform(x)
-        worst = max(worst, float((model.inverse(z) - x).abs().max()))
+        worst = max(worst, float((model.inverse(z)[0] - x).abs().max()))
     return worst
 
 
@@ -97,7 +74,7 @@ def evaluate_checkpoint(
         "training_seconds": state.get("elapsed"),
         "training_hardware": state.get("hardware"),
     }
-    if getattr(model, "has_pixel_density", True):
+    if model.has_pixel_density:
         lp = log_probs(model, images, batch_size=batch_size, seed=seed, progress=progress)
         dim = math.prod(images.shape[1:])
         result.update({
@@ -109,7 +86,8 @@ def evaluate_checkpoint(
         })
         published = MODELS[state["model"]].published
         if published and dataset == "mnist":
-            result["published_bits_per_dim"], result["published_source"] = published
+            result["published_bits_per_dim"] = round(published.bits_per_dim(dim), 3)
+            result["published_source"] = f"{published.source}: {published.value:g} {published.unit}"
     else:
         pixels = torch.as_tensor(images).unsqueeze(1).float().div(255).to(device)  # (N, H, W) -> (N, 1, H, W)
         y = torch.as_tensor(labels).long().to(device)
@@ -138,14 +116,3 @@ def evaluate_checkpoint(
     result["seconds"] = time.perf_counter() - started
     result["hardware"] = describe(torch.device(device))
     return result
-
-
-def update_eval_file(run_dir: str | os.PathLike, key: str, result: dict) -> Path:
-    """Sets ``eval.json[key] = result`` in a run directory, keeping the other entries; atomic."""
-    path = Path(run_dir) / "eval.json"
-    entries = json.loads(path.read_text()) if path.is_file() else {}
-    entries[key] = result
-    tmp = path.with_name(f".eval.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path

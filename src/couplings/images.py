@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from couplings.files import atomic_write
+
 __all__ = ["save_grid"]
 
 
@@ -30,15 +32,9 @@ def grid(images: Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 2) -> Path:
-    """Saves a grid of images as a PNG, written under a temporary name and renamed."""
+    """Saves a grid of images as a PNG (`couplings.files.atomic_write`)."""
     path = Path(path)
     picture = Image.fromarray(grid(images, nrow))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"))

@@ -1,11 +1,16 @@
-"""Flow models, and the registry the training loop and CLI build them from."""
+"""Flow models, and the one registry that names them: class, config, sizes, training recipe,
+trainer and published figure.
+
+Imports nothing from training, data, the CLI or the report (trainers are named, not imported).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from couplings.config import GlowTrainConfig, LatentTrainConfig, RealNVPTrainConfig, TrainConfig
+from couplings.config import GlowTrainConfig, LatentTrainConfig, PixelTrainConfig, RealNVPTrainConfig, TrainConfig
 from couplings.models.base import Flow
 from couplings.models.glow import GLOW_PRESETS, Glow, GlowConfig
 from couplings.models.latent_realnvp import ConvAutoencoder, LatentRealNVP, LatentRealNVPConfig
@@ -16,47 +21,90 @@ from couplings.models.realnvp import REALNVP_PRESETS, RealNVP, RealNVPConfig
 __all__ = [
     "MODELS",
     "NICE",
+    "PUBLISHED",
     "ConvAutoencoder",
     "Flow",
     "Glow",
     "GlowConfig",
-    "MultiScaleFlow",
-    "RealNVP",
-    "RealNVPConfig",
     "LatentRealNVP",
     "LatentRealNVPConfig",
     "ModelEntry",
+    "MultiScaleFlow",
     "NICEConfig",
+    "Published",
+    "RealNVP",
+    "RealNVPConfig",
+    "build_model",
 ]
 
 
 @dataclass(frozen=True)
+class Published:
+    """A published MNIST test figure (dequantized, D = 784), in the unit its source gives it."""
+
+    name: str
+    unit: str  # "nats" or "bits/dim"
+    value: float
+    source: str
+
+    def bits_per_dim(self, dim: int = 784) -> float:
+        """The figure in bits/dim: ``8 - log p / (D ln 2)`` for a log-likelihood in nats."""
+        return 8.0 - self.value / (dim * math.log(2)) if self.unit == "nats" else self.value
+
+    def nats(self, dim: int = 784) -> float:
+        """The figure as a log-likelihood in nats."""
+        return self.value if self.unit == "nats" else (8.0 - self.value) * dim * math.log(2)
+
+
+PUBLISHED = [
+    Published("NICE", "nats", 1980.50, "NICE paper table (Dinh et al., 2014)"),
+    Published("MAF (5)", "bits/dim", 1.89, "FFJORD paper table"),
+    Published("Real NVP (multi-scale)", "bits/dim", 1.06, "FFJORD paper table"),
+    Published("Glow", "bits/dim", 1.05, "FFJORD paper table"),
+    Published("FFJORD (multi-scale)", "bits/dim", 0.99, "FFJORD paper"),
+    Published("Residual Flows", "bits/dim", 0.97, "Residual Flows paper"),
+]
+_BY_NAME = {p.name: p for p in PUBLISHED}
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """How to build one model by name.
+    """Everything that is known about one model by name.
 
     Attributes:
-        cls: The model class; its constructor takes the config's fields as keywords.
-        config: The config dataclass (validated, stored in every checkpoint).
-        presets: Named sizes ("paper", "small", ...) as config overrides.
-        published: (test bits/dim on MNIST, source) of the paper's figure, if any.
-        train_config: The training options dataclass, with this model's recipe as defaults.
+        cls: The model class; ``cls(config)`` builds it.
+        config: Its config dataclass (validated, stored in every checkpoint).
+        presets: Named sizes ("paper", "small", ...) as config overrides; the first is the default.
+        train_config: The training options dataclass, with this model's recipe as defaults;
+            an option it does not have is refused, never ignored.
+        trainer: The module of `couplings.training` that trains it ("pixel" or "latent").
+        published: The paper's MNIST figure, if any.
     """
 
     cls: type
     config: type
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    published: tuple[float, str] | None = None
-    train_config: type = TrainConfig
+    train_config: type[TrainConfig] = PixelTrainConfig
+    trainer: str = "pixel"
+    published: Published | None = None
 
 
 MODELS: dict[str, ModelEntry] = {
-    "nice": ModelEntry(NICE, NICEConfig, NICE_PRESETS, (4.36, "NICE paper: 1980.50 nats")),
+    "nice": ModelEntry(NICE, NICEConfig, NICE_PRESETS, published=_BY_NAME["NICE"]),
     "latent-realnvp": ModelEntry(
         LatentRealNVP,
         LatentRealNVPConfig,
         {"paper": {}, "small": {"couplings": 4, "hidden_units": 64}},
-        train_config=LatentTrainConfig,
+        LatentTrainConfig,
+        trainer="latent",
     ),
-    "realnvp": ModelEntry(RealNVP, RealNVPConfig, REALNVP_PRESETS, (1.06, "FFJORD paper table"), RealNVPTrainConfig),
-    "glow": ModelEntry(Glow, GlowConfig, GLOW_PRESETS, (1.05, "FFJORD paper table"), GlowTrainConfig),
+    "realnvp": ModelEntry(RealNVP, RealNVPConfig, REALNVP_PRESETS, RealNVPTrainConfig,
+                          published=_BY_NAME["Real NVP (multi-scale)"]),
+    "glow": ModelEntry(Glow, GlowConfig, GLOW_PRESETS, GlowTrainConfig, published=_BY_NAME["Glow"]),
 }
+
+
+def build_model(name: str, model_config: dict[str, Any]) -> Flow:
+    """Builds model ``name`` from its config dict (as stored in a checkpoint)."""
+    entry = MODELS[name]
+    return entry.cls(entry.config(**model_config))

@@ -1,29 +1,52 @@
-"""The contract every pixel-space flow model follows."""
+"""The contract every model follows: a density built from an invertible map and a prior."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow"]
+__all__ = ["Flow", "with_options"]
+
+C = TypeVar("C")
 
 
-def _at_least_float32(t: Tensor) -> Tensor:
+def with_options(config: C, options: dict[str, Any]) -> C:
+    """A copy of dataclass ``config`` with ``options`` replaced (and validated by its ``__post_init__``)."""
+    return dataclasses.replace(config, **options)
+
+
+def at_least_float32(t: Tensor) -> Tensor:
     """bf16 or float16 (from autocast) -> float32; float32 and float64 unchanged."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class Flow(nn.Module):
-    """A density on dequantized images ``x`` in [0, 1]^D built from an invertible map.
+    """A density built from an invertible map ``transform`` and a factorised ``prior``.
 
-    Subclasses set ``event_shape`` (the shape of one image, e.g. (1, 28, 28)) and ``prior``
-    (a factorised density on flat latents), and implement `transform` and `inverse`. Every
-    preprocessing step (scaling, logit) belongs inside `transform`, so that its log-det is
-    counted and ``log_prob`` is the density of the [0, 1] image itself.
+    Every model MUST follow the layer contract of `couplings.transforms.Transform`, under the
+    names ``transform`` (data to flat latents) and ``inverse`` (back), and set:
+
+    * ``config``: its config dataclass (stored in checkpoints; the model rebuilds from it alone);
+    * ``event_shape``: the shape of one image, e.g. (1, 28, 28);
+    * ``prior``: a factorised density on flat latents (B, D) (`couplings.distributions`).
+
+    Two class-level facts tell callers what a model is, so nobody has to probe for attributes:
+
+    * ``has_pixel_density``: ``log_prob`` is a density on [0, 1] pixels (so bits/dim apply). Every
+      preprocessing step (scaling, logit) then belongs inside ``transform``, so that its log-det
+      is counted. False for `LatentRealNVP`, whose density lives on an embedding.
+    * ``conditional``: ``transform``, ``inverse`` and ``sample`` take class labels ``y`` (B,),
+      ``num_classes`` of them.
     """
 
+    has_pixel_density: ClassVar[bool] = True
+    conditional: bool = False
+    num_classes: int = 0
+    config: Any
     event_shape: tuple[int, ...]
     prior: nn.Module
 
@@ -32,17 +55,29 @@ class Flow(nn.Module):
         return math.prod(self.event_shape)
 
     def transform(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Maps images to flat latents: returns ``z`` of shape (B, D) and ``log |det dz/dx|`` (B,)."""
+        """Maps images to flat latents: returns ``z`` (B, D) and ``log |det dz/dx|`` (B,)."""
         raise NotImplementedError
 
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """Maps flat latents (B, D) back to images of shape (B, *event_shape)."""
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Maps flat latents (B, D) back: returns images (B, *event_shape) and ``log |det dx/dz|`` (B,)."""
         raise NotImplementedError
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Log-density of ``x`` in nats, shape (B,); float32 (or wider) even under bf16 autocast."""
         z, logabsdet = self.transform(x, y)
-        return self.prior.log_prob(_at_least_float32(z)).sum(-1) + _at_least_float32(logabsdet)
+        return self.prior.log_prob(at_least_float32(z)).sum(-1) + at_least_float32(logabsdet)
+
+    @torch.inference_mode()
+    def sample_with_log_prob(
+        self, n: int, y: Tensor | None = None, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` samples (n, *event_shape) and the model's log-density of each, in nats.
+
+        ``temperature`` scales the prior's draws; the log-density is of the sample itself (at
+        T = 1 it is the density the sample was drawn from)."""
+        z = self.prior.sample(n, temperature, generator)
+        x, logabsdet = self.inverse(z, y)
+        return x, self.prior.log_prob(z).sum(-1) - logabsdet
 
     @torch.inference_mode()
     def sample(
@@ -53,7 +88,7 @@ class Flow(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Draws ``n`` images of shape (n, *event_shape); ``temperature`` scales the prior."""
-        return self.inverse(self.prior.sample(n, temperature, generator), y)
+        return self.inverse(self.prior.sample(n, temperature, generator), y)[0]
 
     def _flatten(self, x: Tensor) -> Tensor:
         """(B, *event_shape) or (B, D) -> (B, D), with a clear error for anything else."""

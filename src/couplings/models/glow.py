@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from couplings.image_transforms import ActNorm, AffineCoupling2d, InvConv1x1, Squeeze
-from couplings.models.multiscale import LearnedSplitPrior, MultiScaleFlow, Shift, check_image_shape
-from couplings.transforms import Composite, Transform
+from couplings.models.base import with_options
+from couplings.models.multiscale import MultiScaleFlow, check_image_shape
+from couplings.transforms import ActNorm, AffineCoupling2d, Composite, InvConv1x1, LearnedSplitPrior, Shift, Squeeze, Transform
 
 __all__ = ["GLOW_PRESETS", "Glow", "GlowConfig"]
 
 
 @dataclass
 class GlowConfig:
-    """Constructor arguments of `Glow`; the defaults are the `mnist` size."""
+    """The options of `Glow`; the defaults are the `mnist` size."""
 
     image_shape: tuple[int, int, int] = (1, 28, 28)
     levels: int = 2
@@ -45,36 +45,29 @@ class Glow(MultiScaleFlow):
     paper's form a trained model contracted pixels by 1e-5 and lost them to float32 rounding
     (reconstruction error 0.04 after 5 epochs; see `AffineCoupling2d`); with 0.1 the error was
     still 3e-4 after an hour, with 0.3 it is 2e-5. ``min_scale=0`` is the paper's form.
+    Built from a `GlowConfig` and/or its fields as keywords.
 
     References:
         Kingma and Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
-    def __init__(
-        self,
-        *,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        levels: int = 2,
-        steps: int = 16,
-        hidden: int = 128,
-        blocks: int = 1,
-        min_scale: float = 0.3,
-    ):
-        config = GlowConfig(tuple(image_shape), levels, steps, hidden, blocks, min_scale)
+    def __init__(self, config: GlowConfig | None = None, /, **options):
+        config = with_options(config or GlowConfig(), options)
         c, h, w = config.image_shape
+        hidden, blocks, min_scale = config.hidden, config.blocks, config.min_scale
 
         def step_of_flow(channels: int, seed: int) -> list[Transform]:
             return [ActNorm(channels), InvConv1x1(channels, seed=seed),
                     AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale="sigmoid", min_scale=min_scale)]
 
         blocks_per_level, out_shapes, priors = [], [], []
-        for level in range(levels):
+        for level in range(config.levels):
             c, h, w = 4 * c, h // 2, w // 2  # after the squeeze
             layers = [Squeeze()]
-            for k in range(steps):
+            for k in range(config.steps):
                 layers += step_of_flow(c, seed=1000 * level + k)
             blocks_per_level.append(Composite(layers))
-            if level < levels - 1:
+            if level < config.levels - 1:
                 out_shapes.append((c // 2, h, w))
                 priors.append(LearnedSplitPrior(c // 2, c // 2))
                 c //= 2

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from couplings.distributions import StandardNormal
+from couplings.models.base import Flow, with_options
 from couplings.transforms import AffineCoupling, BatchNormFlow, Composite, Permutation
 
 __all__ = ["ConvAutoencoder", "LatentRealNVP", "LatentRealNVPConfig"]
@@ -16,7 +17,7 @@ __all__ = ["ConvAutoencoder", "LatentRealNVP", "LatentRealNVPConfig"]
 
 @dataclass
 class LatentRealNVPConfig:
-    """Constructor arguments of `LatentRealNVP`; the defaults are the seed project's."""
+    """The options of `LatentRealNVP`; the defaults are the seed project's."""
 
     embedding_dim: int = 20
     couplings: int = 9
@@ -70,49 +71,43 @@ class ConvAutoencoder(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
 
 
-class LatentRealNVP(nn.Module):
+class LatentRealNVP(Flow):
     """A conv autoencoder to a 20-d embedding and a Real NVP on the embeddings, conditioned on
     the one-hot digit label: per step an affine coupling (odd/even masks alternating, tanh-bounded
     scale), a batch-norm layer with its log-det, and a fixed random permutation.
 
     ``log_prob`` is the density of the image's *embedding* in R^embedding_dim, not a density on
     pixels: this model has no pixel bits/dim (``has_pixel_density`` is False, and
-    `couplings.evaluate.bits_per_dim` refuses it). Samples are decoded embeddings in [0, 1].
+    `couplings.likelihood.bits_per_dim` refuses it). ``transform`` maps images to the flow's
+    latents of their embeddings, ``inverse`` decodes latents to images in [0, 1]; both log-dets
+    are the flow's alone (the autoencoder is not invertible). Built from a
+    `LatentRealNVPConfig` and/or its fields as keywords.
     """
 
     has_pixel_density = False
 
-    def __init__(
-        self,
-        embedding_dim: int = 20,
-        couplings: int = 9,
-        hidden_layers: int = 2,
-        hidden_units: int = 100,
-        conditional: bool = True,
-        num_classes: int = 10,
-        image_size: int = 28,
-    ):
+    def __init__(self, config: LatentRealNVPConfig | None = None, /, **options):
         super().__init__()
-        self.config = LatentRealNVPConfig(
-            embedding_dim, couplings, hidden_layers, hidden_units, conditional, num_classes, image_size
-        )
-        self.event_shape = (1, image_size, image_size)
-        self.autoencoder = ConvAutoencoder(embedding_dim, image_size)
-        context = num_classes if conditional else 0
+        self.config = config = with_options(config or LatentRealNVPConfig(), options)
+        self.conditional, self.num_classes = config.conditional, config.num_classes
+        dim = config.embedding_dim
+        self.event_shape = (1, config.image_size, config.image_size)
+        self.autoencoder = ConvAutoencoder(dim, config.image_size)
+        context = config.num_classes if config.conditional else 0
         layers = []
-        for i in range(couplings):
-            mask = torch.arange(embedding_dim) % 2 == i % 2
+        for i in range(config.couplings):
+            mask = torch.arange(dim) % 2 == i % 2
             layers += [
-                AffineCoupling(mask, hidden_layers, hidden_units, context_dim=context),
-                BatchNormFlow(embedding_dim),
-                Permutation(embedding_dim, seed=i),
+                AffineCoupling(mask, config.hidden_layers, config.hidden_units, context_dim=context),
+                BatchNormFlow(dim),
+                Permutation(dim, seed=i),
             ]
         self.flow = Composite(layers)
-        self.prior = StandardNormal(embedding_dim)
+        self.prior = StandardNormal(dim)
 
     def context(self, y: Tensor | None, n: int) -> Tensor | None:
         """Labels (n,) -> one-hot (n, num_classes) for a conditional model; None otherwise."""
-        if not self.config.conditional:
+        if not self.conditional:
             return None
         if y is None:
             raise ValueError("this LatentRealNVP is class-conditional: pass labels y of shape (B,)")
@@ -130,26 +125,19 @@ class LatentRealNVP(nn.Module):
         """Images -> flow latents of their embeddings (B, embedding_dim) and the flow's log-det."""
         return self.flow(self.autoencoder.encode(x), self.context(y, len(x)))
 
-    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Latent density of the images' embeddings, in nats (not a density on pixels)."""
-        return self.embedding_log_prob(self.autoencoder.encode(x), y)
-
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        e, _ = self.flow.inverse(z, self.context(y, len(z)))
-        return self.autoencoder.decode(e)
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        e, logabsdet = self.flow.inverse(z, self.context(y, len(z)))
+        return self.autoencoder.decode(e), logabsdet
 
     @torch.inference_mode()
     def sample_with_log_prob(
         self, n: int, y: Tensor | None = None, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Images (n, 1, S, S) and the log-density of each one's embedding."""
-        if self.config.conditional and y is None:
-            y = torch.arange(n) % self.config.num_classes
-        z = self.prior.sample(n, temperature, generator)
-        context = self.context(y, n)
-        e, logabsdet = self.flow.inverse(z, context)
-        log_prob = self.prior.log_prob(z).sum(-1) - logabsdet
-        return self.autoencoder.decode(e), log_prob
+        """Images (n, 1, S, S) and the log-density of each one's embedding; a conditional model
+        without ``y`` cycles through the labels 0, 1, ..., 9, 0, ..."""
+        if self.conditional and y is None:
+            y = torch.arange(n) % self.num_classes
+        return super().sample_with_log_prob(n, y, temperature, generator)
 
     def sample(
         self, n: int, y: Tensor | None = None, temperature: float = 1.0, generator: torch.Generator | None = None

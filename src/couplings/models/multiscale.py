@@ -10,33 +10,9 @@ from torch import Tensor, nn
 
 from couplings.distributions import StandardNormal
 from couplings.models.base import Flow
-from couplings.transforms import Transform
+from couplings.transforms import LearnedSplitPrior, Transform
 
-__all__ = ["LearnedSplitPrior", "MultiScaleFlow", "Shift", "check_image_shape"]
-
-
-class LearnedSplitPrior(nn.Module):
-    """Glow's learned prior for a factored-out half: ``z_out ~ N(mu(h), sigma(h)^2)`` given the
-    kept half ``h``, from a zero-initialised 3x3 convolution.
-
-    It is applied as the standardising map ``eps = (z_out - mu) / sigma`` with log-det
-    ``-sum(log sigma)``, so the model's prior stays a standard normal and
-    ``log_prob == prior.log_prob(z).sum(-1) + logabsdet`` holds exactly.
-    """
-
-    def __init__(self, kept_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(kept_channels, 2 * out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, z_out: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_sigma = self.conv(h).chunk(2, dim=1)
-        return (z_out - mu) * (-log_sigma).exp(), -log_sigma.flatten(1).sum(1)
-
-    def inverse(self, eps: Tensor, h: Tensor) -> Tensor:
-        mu, log_sigma = self.conv(h).chunk(2, dim=1)
-        return eps * log_sigma.exp() + mu
+__all__ = ["MultiScaleFlow", "check_image_shape"]
 
 
 class MultiScaleFlow(Flow):
@@ -86,31 +62,19 @@ class MultiScaleFlow(Flow):
         outs.append(h.flatten(1))
         return torch.cat(outs, dim=1), logabsdet + ld
 
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z = self._flatten(z)
         pieces = z.split([math.prod(s) for s in self.out_shapes], dim=1)
-        h, _ = self.final.inverse(pieces[-1].reshape(len(z), *self.out_shapes[-1]))
+        h, logabsdet = self.final.inverse(pieces[-1].reshape(len(z), *self.out_shapes[-1]))
         for i in reversed(range(len(self.levels))):
             z_out = pieces[i].reshape(len(z), *self.out_shapes[i])
             if self.split_priors is not None:
-                z_out = self.split_priors[i].inverse(z_out, h)
-            h, _ = self.levels[i].inverse(torch.cat([z_out, h], dim=1))
-        x, _ = self.preprocess.inverse(h)
-        return x
-
-
-class Shift(Transform):
-    """``z = x + offset`` (volume-preserving), e.g. Glow's centring of [0, 1] pixels at 0."""
-
-    def __init__(self, offset: float):
-        super().__init__()
-        self.offset = offset
-
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return x + self.offset, x.new_zeros(x.shape[0])
-
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return z - self.offset, z.new_zeros(z.shape[0])
+                z_out, ld = self.split_priors[i].inverse(z_out, h)
+                logabsdet = logabsdet + ld
+            h, ld = self.levels[i].inverse(torch.cat([z_out, h], dim=1))
+            logabsdet = logabsdet + ld
+        x, ld = self.preprocess.inverse(h)
+        return x, logabsdet + ld
 
 
 def check_image_shape(image_shape: tuple[int, ...], halvings: int) -> tuple[int, int, int]:

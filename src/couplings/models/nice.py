@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from couplings.distributions import make_prior
-from couplings.models.base import Flow
+from couplings.models.base import Flow, with_options
 from couplings.transforms import AdditiveCoupling, Composite, DiagonalScaling
 
 __all__ = ["NICE", "NICEConfig"]
@@ -15,7 +15,7 @@ __all__ = ["NICE", "NICEConfig"]
 
 @dataclass
 class NICEConfig:
-    """Constructor arguments of `NICE`; the defaults are the paper's MNIST model."""
+    """The options of `NICE`; the defaults are the paper's MNIST model."""
 
     dim: int = 784
     couplings: int = 4
@@ -44,38 +44,27 @@ class NICE(Flow):
     the halves swapped after each layer, ReLU MLPs, then ``z = exp(s) * h`` with ``s``
     initialised at 0, under a standard logistic (or Gaussian) prior.
 
-    With the defaults the model has exactly 19,158,352 parameters. Inputs may be images
-    (B, 1, 28, 28) or flat vectors (B, dim); samples have shape (n, *event_shape), which is
-    (1, 28, 28) for dim = 784 and (dim,) otherwise unless ``event_shape`` is given.
+    Built from a `NICEConfig` and/or its fields as keywords: ``NICE()``, ``NICE(hidden_units=64)``
+    or ``NICE(config)``. With the defaults the model has exactly 19,158,352 parameters. Inputs
+    may be images (B, 1, 28, 28) or flat vectors (B, dim); samples have shape
+    (n, *event_shape), which is (1, 28, 28) for dim = 784 and (dim,) otherwise.
 
     References:
         Dinh, Krueger and Bengio, "NICE: Non-linear Independent Components Estimation", 2014.
     """
 
-    def __init__(
-        self,
-        dim: int = 784,
-        couplings: int = 4,
-        hidden_layers: int = 5,
-        hidden_units: int = 1000,
-        prior: str = "logistic",
-        *,
-        event_shape: tuple[int, ...] | None = None,
-    ):
+    def __init__(self, config: NICEConfig | None = None, /, **options):
         super().__init__()
-        self.config = NICEConfig(dim, couplings, hidden_layers, hidden_units, prior)  # validates them too
-        if event_shape is None:
-            event_shape = (1, 28, 28) if dim == 28 * 28 else (dim,)
-        self.event_shape = tuple(event_shape)
-        if self.dim != dim:
-            raise ValueError(f"event_shape {self.event_shape} has {self.dim} entries, expected dim = {dim}")
-        layers = [AdditiveCoupling(dim, i % 2, hidden_layers, hidden_units) for i in range(couplings)]
+        self.config = config = with_options(config or NICEConfig(), options)
+        dim = config.dim
+        self.event_shape = (1, 28, 28) if dim == 28 * 28 else (dim,)
+        layers = [AdditiveCoupling(dim, i % 2, config.hidden_layers, config.hidden_units) for i in range(config.couplings)]
         self.flow = Composite([*layers, DiagonalScaling(dim)])
-        self.prior = make_prior(prior, dim)
+        self.prior = make_prior(config.prior, dim)
 
     def transform(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.flow(self._flatten(x))
 
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        x, _ = self.flow.inverse(self._flatten(z))
-        return x.reshape(z.shape[0], *self.event_shape)
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, logabsdet = self.flow.inverse(self._flatten(z))
+        return x.reshape(z.shape[0], *self.event_shape), logabsdet

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from couplings.image_transforms import AffineCoupling2d, BatchNorm2dFlow, Logit, Squeeze
+from couplings.models.base import with_options
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
-from couplings.transforms import Composite, Transform
+from couplings.transforms import AffineCoupling2d, BatchNormFlow, Composite, Logit, Squeeze, Transform
 
 __all__ = ["REALNVP_PRESETS", "RealNVP", "RealNVPConfig"]
 
 
 @dataclass
 class RealNVPConfig:
-    """Constructor arguments of `RealNVP`; the defaults are the `mnist` size."""
+    """The options of `RealNVP`; the defaults are the `mnist` size."""
 
     image_shape: tuple[int, int, int] = (1, 28, 28)
     scales: int = 2
@@ -40,38 +40,31 @@ class RealNVP(MultiScaleFlow):
     channels factored out; the last scale has 4 checkerboard couplings. On 1x28x28 with
     ``scales=2``: 28 -> 14 -> 7. Couplings use ``a * tanh`` scales (``a`` starts at 0) and a
     weight-normed ResNet; a batch-norm layer with its log-det follows each coupling.
+    Built from a `RealNVPConfig` and/or its fields as keywords.
 
     References:
         Dinh, Sohl-Dickstein and Bengio, "Density estimation using Real NVP", 2017.
     """
 
-    def __init__(
-        self,
-        *,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        scales: int = 2,
-        hidden: int = 64,
-        blocks: int = 8,
-        alpha: float = 0.05,
-        batch_norm: bool = True,
-    ):
-        self_config = RealNVPConfig(tuple(image_shape), scales, hidden, blocks, alpha, batch_norm)
-        c, h, w = self_config.image_shape
+    def __init__(self, config: RealNVPConfig | None = None, /, **options):
+        config = with_options(config or RealNVPConfig(), options)
+        c, h, w = config.image_shape
+        hidden, blocks = config.hidden, config.blocks
 
         def couplings(channels: int, mask: str, count: int) -> list[Transform]:
             layers: list[Transform] = []
             for i in range(count):
                 layers.append(AffineCoupling2d(channels, mask, i % 2, hidden, blocks, scale="tanh"))
-                if batch_norm:
-                    layers.append(BatchNorm2dFlow(channels))
+                if config.batch_norm:
+                    layers.append(BatchNormFlow(channels, spatial=True, momentum=0.05, eps=1e-4))
             return layers
 
         levels, out_shapes = [], []
-        for _ in range(scales):
+        for _ in range(config.scales):
             levels.append(Composite([*couplings(c, "checkerboard", 3), Squeeze(), *couplings(4 * c, "channel", 3)]))
             c, h, w = 4 * c, h // 2, w // 2  # after the squeeze
             out_shapes.append((c // 2, h, w))
             c //= 2  # half factored out
         out_shapes.append((c, h, w))
-        super().__init__(self_config.image_shape, Logit(alpha), levels, Composite(couplings(c, "checkerboard", 4)), out_shapes)
-        self.config = self_config
+        super().__init__(config.image_shape, Logit(config.alpha), levels, Composite(couplings(c, "checkerboard", 4)), out_shapes)
+        self.config = config

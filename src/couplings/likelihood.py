@@ -1,4 +1,4 @@
-"""Test-set likelihoods: dequantization and bits per dimension."""
+"""Likelihoods of images: dequantization, per-image log-densities and bits per dimension."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from couplings.models import Flow
 
 __all__ = ["NonFiniteLogProbError", "bits_per_dim", "dequantize", "log_probs", "nats_to_bits_per_dim"]
 
@@ -57,7 +59,7 @@ def log_probs(
     Raises:
         NonFiniteLogProbError: Some log-probabilities are NaN or infinite.
     """
-    if not getattr(model, "has_pixel_density", True):
+    if isinstance(model, Flow) and not model.has_pixel_density:
         raise TypeError(f"{type(model).__name__} models a latent density: it has no pixel log-likelihood or bits/dim")
     pixels = _as_image_batch(images)
     params = next(model.parameters(), None) if hasattr(model, "parameters") else None

@@ -1,0 +1,7 @@
+"""``python -m couplings``: the command line."""
+
+import sys
+
+from couplings.cli import main
+
+sys.exit(main())

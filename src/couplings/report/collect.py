@@ -1,0 +1,153 @@
+"""Collecting what the report says about each run: its evaluation (reused from ``eval.json``
+when current), dequantization spread, timings, out-of-distribution scores and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from couplings import checkpoint, data
+from couplings.evaluation import evaluate_checkpoint
+from couplings.likelihood import dequantize, log_probs, nats_to_bits_per_dim
+from couplings.report.figures import sample_figures
+from couplings.rundir import RunDir
+from couplings.sampling import sample_labels
+
+__all__ = ["OOD_COUNTERPART", "Report", "RunSummary", "summarize_run"]
+
+OOD_COUNTERPART = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
+# Training options that may differ between runs of one row (the seed, and budgets that only
+# say how long a run was allowed to go on).
+_NOT_RECIPE = ("seed", "epochs", "max_steps", "max_minutes")
+
+
+@dataclass
+class RunSummary:
+    """Everything the report says about one run."""
+
+    name: str
+    path: Path
+    config: dict  # config.json
+    history: list[dict]  # metrics.jsonl
+    result: dict  # the run's eval.json["test"], with the dequantization draws added
+    seconds_per_64: dict[str, float]  # "sampling" and "inference", on the report's device
+    ood: dict | None = None  # per-image bits/dim in and out of distribution
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def has_pixel_density(self) -> bool:
+        return self.result.get("bits_per_dim") is not None
+
+    def group_key(self) -> str:
+        """Runs with the same key are seeds of one recipe."""
+        recipe = {k: v for k, v in self.config.get("train", {}).items() if k not in _NOT_RECIPE}
+        return json.dumps([self.config["model"], self.config.get("model_config"), recipe], sort_keys=True)
+
+
+@dataclass
+class Report:
+    runs: list[RunSummary]
+    headers: list[str]
+    rows: list[list[str]]
+    directory: Path
+
+
+def _eval_is_current(entry: dict | None, run: Path, samples: int) -> bool:
+    """A stored test evaluation counts if it scored this run's checkpoint, after the checkpoint
+    was last written, with the number of samples asked for."""
+    if not entry:
+        return False
+    ckpt = checkpoint.resolve(run)
+    eval_file = run / RunDir.EVAL
+    quality = entry.get("sample_quality", {})
+    drawn = quality.get("num_samples", 0) if "fid" in quality else 0
+    return (
+        Path(entry.get("checkpoint", "")).resolve() == ckpt.resolve()
+        and eval_file.stat().st_mtime >= ckpt.stat().st_mtime
+        and (drawn == samples or (samples == 0 and "sample_quality" not in entry) or "skipped" in quality)
+    )
+
+
+@torch.inference_mode()
+def _seconds_per_64(fn, repeats: int = 5) -> float:
+    """Median wall-clock of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _log(message: str) -> None:
+    print(f"compare: {message}", file=sys.stderr)
+
+
+def summarize_run(
+    run: Path,
+    out: Path,
+    index: int,
+    *,
+    samples: int,
+    draws: int,
+    device: torch.device,
+    ood_dataset: str | None = None,
+    ood_images: int | None = None,
+    progress: bool = False,
+) -> RunSummary:
+    """Evaluates one run (or reuses its current ``eval.json``), times it on ``device`` and draws
+    its figures into ``out``."""
+    run, run_dir = Path(run), RunDir(run)
+    if not (run / RunDir.CONFIG).is_file():
+        raise FileNotFoundError(f"{run} has no {RunDir.CONFIG}; expected a run directory written by 'couplings train'")
+    config = run_dir.read_config()
+    result = run_dir.read_eval().get("test")
+    if not _eval_is_current(result, run, samples):
+        _log(f"evaluating {run} on the test set ({samples} samples)")
+        result = evaluate_checkpoint(run, samples=samples, device=device, progress=progress)
+    model, _ = checkpoint.load_model(run, device)
+    images, labels = data.load(result["dataset"], "test")
+    if result.get("bits_per_dim") is not None and len(result.get("bits_per_dim_draws", [])) < draws:
+        _log(f"{run}: test bits/dim under {draws} dequantization draws")
+        result["bits_per_dim_draws"] = [
+            result["bits_per_dim"] if seed == 0 else
+            nats_to_bits_per_dim(float(log_probs(model, images, seed=seed).mean()), result["dimensions"])
+            for seed in range(draws)
+        ]
+    run_dir.update_eval("test", result)
+
+    _log(f"{run}: timings and figures")
+    x = torch.as_tensor(images[:64]).unsqueeze(1).to(device)  # (64, 1, H, W) uint8
+    x = dequantize(x, torch.Generator(device=device).manual_seed(0), model.prior.dtype)
+    y = torch.as_tensor(labels[:64]).long().to(device) if model.conditional else None
+    generator = torch.Generator(device=device).manual_seed(0)
+    timing = {
+        "sampling": _seconds_per_64(lambda: model.sample(64, sample_labels(model, 64), generator=generator)),
+        "inference": _seconds_per_64(lambda: model.log_prob(x, y)),
+    }
+    summary = RunSummary(run.name, run, config, run_dir.read_metrics(), result, timing)
+    summary.figures = sample_figures(model, summary, images, out, index, device)
+    other = ood_dataset or OOD_COUNTERPART.get(result["dataset"])
+    if summary.has_pixel_density and other:
+        summary.ood = _ood_bits_per_dim(model, result["dataset"], other, ood_images)
+    return summary
+
+
+def _ood_bits_per_dim(model, dataset: str, ood_dataset: str, n: int | None) -> dict:
+    """Per-image test bits/dim of ``model`` on its own dataset and on another one."""
+    out = {"dataset": dataset, "ood_dataset": ood_dataset}
+    for key, name in (("in", dataset), ("out", ood_dataset)):
+        images, _ = data.load(name, "test")
+        images = images[:n] if n else images
+        dim = math.prod(images.shape[1:])
+        out[key] = [nats_to_bits_per_dim(v, dim) for v in log_probs(model, images).tolist()]
+    return out
+

@@ -1,0 +1,122 @@
+"""The report's tables: one row per recipe (seeds aggregated), and the published anchors."""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING
+
+from couplings.evaluation import NO_PIXEL_BPD
+from couplings.likelihood import nats_to_bits_per_dim
+from couplings.models import PUBLISHED
+
+if TYPE_CHECKING:
+    from couplings.report.collect import RunSummary
+
+__all__ = ["CONVERSION", "HEADERS", "published_anchors", "table"]
+
+
+HEADERS = [
+    "run", "model", "dataset", "parameters", "test bits/dim", "test log-likelihood (nats)",
+    "bits/dim std over dequantization draws", "FID", "KID", "conditional accuracy", "nearest-train L2",
+    "training wall-clock", "epochs", "training hardware", "training images/s", "sampling s / 64 images",
+    "inference s / 64 images",
+]
+
+
+def _epochs(history: list[dict]) -> str:
+    stages = {}
+    for line in history:
+        stages[line.get("stage", "train")] = line["epoch"]
+    if len(stages) <= 1:
+        return str(next(iter(stages.values()), "n/a"))
+    return ", ".join(f"{stage} {epoch}" for stage, epoch in stages.items())
+
+
+def _values(run: RunSummary) -> dict:
+    """The row of one run: numbers where they apply, otherwise the reason they do not."""
+    result, history = run.result, run.history
+    quality = result.get("sample_quality")
+    if quality is None:
+        no_quality = "not computed (--samples 0)"
+    elif "skipped" in quality:
+        no_quality = f"skipped: no feature classifier for {result['dataset']}"
+    else:
+        no_quality = None
+    draws = result.get("bits_per_dim_draws", [])
+    speeds = [h["images_per_s"] for h in history if "images_per_s" in h]
+    return {
+        "run": run.name,
+        "model": result["model"],
+        "dataset": result["dataset"],
+        "parameters": result["parameters"],
+        "test bits/dim": result["bits_per_dim"] if run.has_pixel_density else NO_PIXEL_BPD,
+        "test log-likelihood (nats)": result.get("log_likelihood_nats", NO_PIXEL_BPD),
+        "bits/dim std over dequantization draws": (
+            statistics.stdev(draws) if len(draws) > 1 else
+            NO_PIXEL_BPD if not run.has_pixel_density else "one draw"),
+        "FID": no_quality or quality["fid"],
+        "KID": no_quality or quality["kid"],
+        "conditional accuracy": no_quality or quality.get("conditional_accuracy", "unconditional model"),
+        "nearest-train L2": no_quality or quality["nearest_train_l2"],
+        "training wall-clock": history[-1]["elapsed"] / 60 if history else "no metrics.jsonl",
+        "epochs": _epochs(history),
+        "training hardware": run.config.get("hardware") or "unknown",
+        "training images/s": statistics.median(speeds) if speeds else "no metrics.jsonl",
+        "sampling s / 64 images": run.seconds_per_64["sampling"],
+        "inference s / 64 images": run.seconds_per_64["inference"],
+    }
+
+
+_FORMATS = {
+    "parameters": "{:,.0f}", "test bits/dim": "{:.3f}", "test log-likelihood (nats)": "{:.1f}",
+    "bits/dim std over dequantization draws": "{:.4f}", "FID": "{:.2f}", "KID": "{:.4f}",
+    "conditional accuracy": "{:.3f}", "nearest-train L2": "{:.2f}", "training wall-clock": "{:.1f} min",
+    "training images/s": "{:.0f}", "sampling s / 64 images": "{:.4f}", "inference s / 64 images": "{:.4f}",
+}
+
+
+def _cell(header: str, values: list) -> str:
+    """One cell from the values of a row's runs: a number, mean +- std over seeds, or the reason."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    fmt = _FORMATS.get(header, "{}")
+    if len(numbers) == len(values) and numbers:
+        if len(numbers) == 1:
+            return fmt.format(numbers[0])
+        mean, std = statistics.mean(numbers), statistics.stdev(numbers)
+        return f"{fmt.format(mean)} ± {fmt.format(std).replace(' min', '')}"
+    texts = list(dict.fromkeys(str(v) for v in values))
+    return ", ".join(texts)
+
+
+def table(runs: list[RunSummary]) -> list[list[str]]:
+    """Rows of formatted cells; runs of one recipe that differ only in the seed share a row."""
+    groups: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault(run.group_key(), []).append(run)
+    rows = []
+    for members in groups.values():
+        values = [_values(run) for run in members]
+        row = [_cell(h, [v[h] for v in values]) for h in HEADERS]
+        if len(members) > 1:
+            seeds = ", ".join(str(r.config.get("train", {}).get("seed")) for r in members)
+            row[0] = f"{row[0]} (mean ± std over {len(members)} seeds: {seeds})"
+        rows.append(row)
+    return rows
+
+
+def published_anchors(dim: int = 784) -> list[list[str]]:
+    """PUBLISHED as rows: the published number as given, the other unit converted (marked so)."""
+    rows = []
+    for p in PUBLISHED:
+        if p.unit == "nats":
+            bpd, nats = f"{p.bits_per_dim(dim):.3f} (converted)", f"{p.value:.2f}"
+        else:
+            bpd, nats = f"{p.value:.2f}", f"{p.nats(dim):.1f} (converted)"
+        rows.append([p.name, bpd, nats, p.source])
+    return rows
+
+
+CONVERSION = ("bits/dim = 8 - log p(x) / (D ln 2), with log p(x) in nats of the density of the dequantized "
+              "image x = (k + u) / 256 on [0, 1]^D and D = 784 for MNIST; so 1980.50 nats = "
+              f"{nats_to_bits_per_dim(1980.50, 784):.3f} bits/dim.")
+

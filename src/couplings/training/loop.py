@@ -1,0 +1,210 @@
+"""The training loop's parts: passes over the data, the budget and signals, the console, and
+`train_pass`, where one training step reads top to bottom."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from couplings.config import ConfigError, TrainConfig
+from couplings.rundir import RunDir
+from couplings.training.errors import StoppedBySignal
+from couplings.training.faults import FaultCounter, locate_fault, rng_states
+from couplings.training.optim import optimizer_step, warmup_factor
+
+__all__ = ["Budget", "Console", "Context", "EpochPass", "start_pass", "train_pass"]
+
+
+@dataclass
+class EpochPass:
+    """One pass over the training data: its batches, its noise generator and how far it got.
+
+    ``index`` numbers passes across a run (a two-stage model numbers them across stages);
+    ``next`` is the first batch not yet trained on; ``total`` and ``seen`` sum the loss over the
+    batches trained on, ``skipped`` counts the steps refused as non-finite.
+    """
+
+    index: int
+    batches: list[torch.Tensor]
+    generator: torch.Generator
+    next: int = 0
+    total: float = 0.0
+    seen: int = 0
+    skipped: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.next == len(self.batches)
+
+    def mean_loss(self) -> float:
+        return self.total / max(self.seen, 1)
+
+    def position(self) -> dict:
+        """The checkpoint fields that let `start_pass` continue this pass exactly."""
+        return {"pass": {"index": self.index, "next": self.next, "total": self.total, "seen": self.seen,
+                         "skipped": self.skipped, "generator": self.generator.get_state()}}
+
+
+def start_pass(n: int, index: int, cfg: TrainConfig, device: torch.device, state: dict | None) -> EpochPass:
+    """Pass ``index`` over ``n`` examples in full batches of a permutation drawn from (seed, index)
+    alone, so that a resumed run draws exactly what an uninterrupted one would (the ragged last
+    batch is dropped). If checkpoint ``state`` stopped inside this pass, it continues from the
+    next batch with the same noise generator state."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + index)
+    order = torch.randperm(n, generator=generator, device=device)
+    count = n // cfg.batch_size
+    if count == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {n} training examples")
+    batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(count)]
+    stored = (state or {}).get("pass")
+    if stored is None or stored["index"] != index:
+        return EpochPass(index, batches, generator)
+    generator.set_state(stored["generator"])
+    return EpochPass(index, batches, generator, stored["next"], stored["total"], stored["seen"], stored["skipped"])
+
+
+@dataclass
+class Budget:
+    """The run's clock and when to stop: ``max_steps``, ``max_minutes`` of this invocation, or a signal."""
+
+    max_steps: int | None
+    max_minutes: float | None
+    already: float = 0.0  # seconds trained by earlier invocations of a resumed run
+    started: float = field(default_factory=time.perf_counter)
+    stop_signal: int | None = None  # set by SIGINT/SIGTERM: stop after the current step
+
+    def elapsed(self) -> float:
+        """Seconds of the whole run, earlier invocations included."""
+        return self.already + time.perf_counter() - self.started
+
+    def spent(self, step: int) -> bool:
+        over_steps = self.max_steps is not None and step >= self.max_steps
+        over_time = self.max_minutes is not None and time.perf_counter() - self.started >= 60 * self.max_minutes
+        return over_steps or over_time or self.stop_signal is not None
+
+    @contextmanager
+    def stop_on_signals(self, run_dir: RunDir, console: Console) -> Iterator[None]:
+        """While active, SIGINT and SIGTERM end training like a spent budget: the current step
+        finishes, the (partial) epoch is validated and checkpointed, and `StoppedBySignal` is
+        raised on exit. A second signal interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            console.say(f"{signal.Signals(signum).name}: stopping after the current step (again to abort)")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            saved = (f"the run is checkpointed in {run_dir.last} (continue with --resume)"
+                     if run_dir.last.is_file() else "no checkpoint had been written yet")
+            raise StoppedBySignal(f"stopped by {name}; {saved}", self.stop_signal)
+
+
+@dataclass
+class Console:
+    """Progress bars and one-line reports, or silence (``progress=False``)."""
+
+    progress: bool = True
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text)
+
+    def bar(self, total: int, initial: int, desc: str) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.progress, leave=False)
+
+
+@dataclass
+class Context:
+    """What a trainer (`couplings.training.pixel`, `couplings.training.latent`) is given: the
+    model and data, the checkpoint it starts from, and one small object per concern."""
+
+    run: dict[str, Any]  # model, size, model_config, train, hardware: stored in every checkpoint
+    cfg: TrainConfig
+    model: nn.Module
+    device: torch.device
+    train_data: tuple[np.ndarray, np.ndarray]
+    val_data: tuple[np.ndarray, np.ndarray]
+    state: dict | None  # the checkpoint to start from (resumed or rolled back to), if any
+    run_dir: RunDir
+    budget: Budget
+    faults: FaultCounter
+    console: Console
+
+    def checkpoint(self, fields: dict, *, best: bool) -> None:
+        """Writes ``last.pt`` (and ``best.pt`` when ``best``): the run, the model, every random
+        state, the clock, the fault counters and the trainer's own ``fields``."""
+        self.run_dir.save_checkpoint({
+            **{k: self.run[k] for k in ("model", "size", "model_config", "train", "hardware")},
+            "model_state": self.model.state_dict(),
+            "rng": rng_states(),
+            "elapsed": self.budget.elapsed(),
+            "lr_scale": self.faults.lr_scale,
+            "rollbacks": self.faults.rollbacks,
+            "pass": None,  # overwritten by a pass's position when it stops mid-epoch
+            **fields,
+        }, best=best)
+
+    def log(self, record: dict) -> None:
+        """Appends an epoch's line to ``metrics.jsonl``, with the run's elapsed seconds."""
+        self.run_dir.append_metrics({**record, "elapsed": self.budget.elapsed()})
+
+
+Objective = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, objective: Objective, *,
+               step: int, desc: str, postfix: Callable[[float], str], fields: Callable[[int], dict]) -> int:
+    """Trains on the rest of pass ``this`` until it ends or the budget is spent; returns the step.
+
+    Args:
+        objective: ``(batch indices, noise generator) -> (loss, loss plus any penalty)``; the
+            second is minimised, the first averaged for the log.
+        postfix: Mean loss so far -> the text beside the progress bar.
+        fields: ``step -> dict`` of the trainer's checkpoint fields, for the checkpoints written
+            every ``checkpoint_every`` steps inside the pass.
+
+    Raises:
+        NumericalFault: ``max_bad_steps`` steps in a row were skipped as non-finite.
+    """
+    cfg = ctx.cfg
+    with ctx.console.bar(len(this.batches), this.next, desc) as bar:
+        while not this.complete and not ctx.budget.spent(step):
+            idx = this.batches[this.next]
+            loss, total = objective(idx, this.generator)
+            lr_factor = warmup_factor(step, cfg.warmup_steps) * ctx.faults.lr_scale
+            good = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=lr_factor)
+            step, this.next = step + 1, this.next + 1
+            bar.update()
+            if good:
+                this.total, this.seen = this.total + loss.item() * len(idx), this.seen + len(idx)
+            else:
+                this.skipped += 1
+                ctx.console.say(f"step {step}: non-finite loss or gradient, step skipped")
+            ctx.faults.count(good, step, lambda: locate_fault(ctx.model, lambda: objective(idx, this.generator)[1]))
+            if this.next % 10 == 1 and this.seen:
+                bar.set_postfix_str(postfix(this.mean_loss()))
+            every = cfg.checkpoint_every
+            if every and step % every == 0 and not this.complete and ctx.faults.bad_streak == 0:
+                ctx.checkpoint({**fields(step), **this.position()}, best=False)
+    return step

@@ -1,0 +1,210 @@
+"""Starting a run: planning a new or resumed run (every check, nothing written), then `train`,
+which holds the run directory's lock and hands the run to its model's trainer."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from couplings import checkpoint, data
+from couplings.config import ConfigError, TrainConfig, apply_overrides, from_stored
+from couplings.hardware import describe, resolve_device
+from couplings.models import MODELS, Flow, build_model
+from couplings.rundir import RunDir
+from couplings.training.errors import TrainingError
+from couplings.training.faults import FaultCounter, NumericalFault, roll_back, set_rng_states
+from couplings.training.loop import Budget, Console, Context
+
+__all__ = ["RESUMABLE_OPTIONS", "RunPlan", "plan_run", "run_plan", "train"]
+
+# Options that may change when a run is resumed; the rest define the run and stay fixed.
+RESUMABLE_OPTIONS = ("epochs", "max_steps", "max_minutes", "target_bpd", "checkpoint_every", "max_bad_steps", "max_rollbacks",
+                     "rollback_lr_factor", "compile", "precision", "channels_last", "adam")
+
+
+@dataclass
+class RunPlan:
+    """A checked run, ready to train: what it is, its options, its data, and the checkpoint it
+    resumes from."""
+
+    model: str
+    size: str
+    model_config: dict[str, Any]
+    cfg: TrainConfig
+    run_dir: RunDir
+    state: dict | None  # last.pt of a resumed run
+    model_object: Flow  # built (new run) or loaded from last.pt (resumed run)
+    train_data: tuple[np.ndarray, np.ndarray] | None = None
+    val_data: tuple[np.ndarray, np.ndarray] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """config.json's content, without the hardware."""
+        return {"model": self.model, "size": self.size, "model_config": self.model_config, "train": asdict(self.cfg)}
+
+
+def plan_run(
+    model_name: str,
+    out: str | os.PathLike,
+    *,
+    train_overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    size: str | None = None,
+    resume: bool = False,
+    data_root: str | os.PathLike | None = None,
+) -> RunPlan:
+    """Checks everything about a run that can be checked before training, loads its data, and
+    writes nothing.
+
+    Raises:
+        ConfigError: An unknown model, size or dataset; an option this model's trainer does not
+            support (named with the model); a value out of range; with ``resume``, a change to
+            an option that defines the run.
+        TrainingError: ``out`` is not empty (without ``resume``), or has no ``last.pt`` (with it).
+        CheckpointError: ``last.pt`` is unreadable or does not fit its model.
+        DatasetError: The dataset's files are missing or damaged.
+    """
+    if model_name not in MODELS:
+        raise ConfigError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
+    entry = MODELS[model_name]
+    train_overrides, model_overrides = dict(train_overrides or {}), dict(model_overrides or {})
+    supported = {f.name for f in fields(entry.train_config)}
+    unsupported = sorted(set(train_overrides) - supported)
+    if unsupported:
+        raise ConfigError(
+            f"{', '.join(unsupported)}: not an option of {model_name} (its trainer, couplings.training.{entry.trainer}, "
+            f"does not read {'it' if len(unsupported) == 1 else 'them'})"
+        )
+    run_dir = RunDir(out)
+    plan = _resumed(model_name, run_dir, size, model_overrides, train_overrides) if resume else \
+        _new(model_name, run_dir, size, model_overrides, train_overrides)
+    cfg = plan.cfg
+    if cfg.dataset not in data.DATASETS:
+        raise ConfigError(f"dataset must be one of {sorted(data.DATASETS)}, found {cfg.dataset!r}")
+    plan.train_data = data.load_split(cfg.dataset, "train", cfg.val_size, data_root)
+    plan.val_data = data.load_split(cfg.dataset, "val", cfg.val_size, data_root)
+    image_shape = (1, *plan.train_data[0].shape[1:])
+    if math.prod(plan.model_object.event_shape) != math.prod(image_shape):
+        raise ConfigError(f"{model_name} models images of shape {plan.model_object.event_shape}, "
+                          f"but {cfg.dataset} images have shape {image_shape}")
+    return plan
+
+
+def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict) -> RunPlan:
+    entry = MODELS[model_name]
+    cfg = apply_overrides(entry.train_config(), train_overrides)
+    if not run_dir.is_empty():
+        raise TrainingError(f"{run_dir.path} already exists and is not empty; pass --resume to continue it or choose another --out")
+    size = size or next(iter(entry.presets))  # the first preset is the paper's size
+    if size not in entry.presets:
+        raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
+    model_config = asdict(apply_overrides(entry.config(), {**entry.presets[size], **model_overrides}))
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    return RunPlan(model_name, size, model_config, cfg, run_dir, None, build_model(model_name, model_config))
+
+
+def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict) -> RunPlan:
+    if not run_dir.last.is_file():
+        raise TrainingError(f"cannot resume: {run_dir.last} does not exist")
+    model, state = checkpoint.load_model(run_dir.last)  # readable, and its weights fit the model it names
+    if state["model"] != model_name:
+        raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state['model']!r} run")
+    stored = from_stored(MODELS[model_name].train_config, state["train"])
+    changed = [k for k, v in model_overrides.items() if state["model_config"].get(k) != v]
+    changed += [k for k, v in train_overrides.items() if k not in RESUMABLE_OPTIONS and getattr(stored, k) != v]
+    if size is not None and size != state["size"]:
+        changed.insert(0, "size")
+    if changed:
+        raise ConfigError(
+            f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
+        )
+    # A time budget belongs to one invocation: a resumed run has none unless given again.
+    resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
+    cfg = apply_overrides(stored, {"max_minutes": None, **resumable})
+    return RunPlan(model_name, state["size"], state["model_config"], cfg, run_dir, state, model)
+
+
+def train(
+    model_name: str,
+    out: str | os.PathLike,
+    *,
+    train_overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    size: str | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    data_root=None,
+    progress: bool = True,
+) -> Path:
+    """Trains ``model_name`` into run directory ``out`` and returns ``out``.
+
+    The run directory (`couplings.rundir.RunDir`) gets ``config.json``, ``last.pt`` and
+    ``best.pt``, ``metrics.jsonl`` and ``samples/``. ``last.pt`` is written at step 0, after
+    every epoch and every ``checkpoint_every`` steps; ``resume=True`` continues from it exactly,
+    mid-epoch included. While training, the directory is locked: a second ``train`` into it is
+    refused (`couplings.rundir.RunDirBusy`).
+
+    Training stops after ``epochs`` epochs, or earlier at ``max_steps`` optimizer steps or
+    ``max_minutes`` of wall-clock; a stopped epoch is validated and checkpointed like a full one.
+    SIGINT and SIGTERM stop it the same way and then raise `StoppedBySignal`.
+
+    A step whose loss or gradient is not finite is skipped; after ``max_bad_steps`` in a row,
+    training rolls back to ``last.pt`` with the learning rate times ``rollback_lr_factor``
+    (at most ``max_rollbacks`` times) and then raises `TrainingError` naming the step and layer.
+
+    Raises:
+        ConfigError, TrainingError, CheckpointError, DatasetError: As `plan_run`, before anything
+            is written.
+    """
+    plan = plan_run(model_name, out, train_overrides=train_overrides, model_overrides=model_overrides, size=size,
+                    resume=resume, data_root=data_root)
+    return run_plan(plan, device=device, progress=progress)
+
+
+def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True) -> Path:
+    """Trains a run that `plan_run` checked (see `train`); returns its directory."""
+    dev = resolve_device(device)
+    with plan.run_dir.lock():
+        if plan.state is not None:  # another process may have trained on since the plan was made
+            plan.state = plan.run_dir.load_last()
+        _train(plan, dev, progress)
+    return plan.run_dir.path
+
+
+def _train(plan: RunPlan, device: torch.device, progress: bool) -> None:
+    cfg, state, run_dir, model = plan.cfg, plan.state, plan.run_dir, plan.model_object
+    model.to(device).train()
+    faults = FaultCounter(cfg.max_bad_steps)
+    budget = Budget(cfg.max_steps, cfg.max_minutes)
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        if "rng" in state:
+            set_rng_states(state["rng"])
+        else:  # format 1 kept torch's CPU state only
+            torch.set_rng_state(state["rng_state"])
+        budget.already = state["elapsed"]
+        faults.lr_scale, faults.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
+        run_dir.forget_metrics_after(state["step"])
+    else:
+        run_dir.create()
+    run = {**plan.record(), "hardware": describe(device)}
+    run_dir.write_config(run)
+    console = Console(progress)
+    ctx = Context(run, cfg, model, device, plan.train_data, plan.val_data, state, run_dir, budget, faults, console)
+    if state is None:
+        ctx.checkpoint({"epoch": 0, "step": 0}, best=False)  # something to resume or roll back to at once
+    trainer = importlib.import_module(f"couplings.training.{MODELS[plan.model].trainer}")
+    with budget.stop_on_signals(run_dir, console):
+        while True:
+            try:
+                trainer.fit(ctx)
+                break
+            except NumericalFault as fault:  # continue from last.pt with a lower learning rate, or raise
+                ctx.state = roll_back(fault, faults, run_dir, model, cfg.max_rollbacks, cfg.rollback_lr_factor)
+                console.say(f"{fault}; rolled back to step {ctx.state['step']} with the learning rate x{faults.lr_scale:g}")

@@ -1,0 +1,32 @@
+"""Invertible layers, each following the `Transform` contract of `couplings.transforms.base`.
+
+One file per kind of layer: ``coupling`` (additive and affine couplings), ``normalization``
+(batch norm as a flow, ActNorm), ``linear`` (diagonal scaling, permutations, 1x1 convolution),
+``elementwise`` (logit, shift), ``reshape`` (squeeze) and ``multiscale`` (split priors).
+"""
+
+from couplings.transforms.base import Composite, Transform
+from couplings.transforms.coupling import AdditiveCoupling, AffineCoupling, AffineCoupling2d, checkerboard
+from couplings.transforms.elementwise import Logit, Shift
+from couplings.transforms.linear import DiagonalScaling, InvConv1x1, Permutation
+from couplings.transforms.multiscale import LearnedSplitPrior
+from couplings.transforms.normalization import ActNorm, BatchNormFlow
+from couplings.transforms.reshape import Squeeze
+
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "AffineCoupling2d",
+    "BatchNormFlow",
+    "Composite",
+    "DiagonalScaling",
+    "InvConv1x1",
+    "LearnedSplitPrior",
+    "Logit",
+    "Permutation",
+    "Shift",
+    "Squeeze",
+    "Transform",
+    "checkerboard",
+]

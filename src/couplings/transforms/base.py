@@ -1,0 +1,58 @@
+"""The contract every invertible layer follows, and the one composite that chains layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+__all__ = ["Composite", "Transform", "per_sample_sum"]
+
+
+class Transform(nn.Module):
+    """An invertible map between data space and noise space.
+
+    Every subclass MUST implement both directions with this contract:
+
+    * ``forward(x, y=None) -> (z, logabsdet)`` maps data ``x`` to noise ``z``;
+    * ``inverse(z, y=None) -> (x, logabsdet)`` maps noise back to data;
+    * ``logabsdet`` has shape ``(B,)`` and is ``log |det dz/dx|`` for ``forward`` and
+      ``log |det dx/dz|`` for ``inverse``, so the two sum to zero on a round trip;
+    * ``y`` is an optional context (e.g. a class label) that a layer may ignore.
+
+    Models (`couplings.models.Flow`) keep the same contract under the names ``transform`` and
+    ``inverse``, with flat latents ``z`` of shape (B, D).
+    """
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class Composite(Transform):
+    """Applies transforms in order (``forward``) or in reverse order (``inverse``)."""
+
+    def __init__(self, transforms: Iterable[Transform]):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logabsdet = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, ld = t(x, y)
+            logabsdet = logabsdet + ld
+        return x, logabsdet
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logabsdet = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, ld = t.inverse(z, y)
+            logabsdet = logabsdet + ld
+        return z, logabsdet
+
+
+def per_sample_sum(x: Tensor) -> Tensor:
+    """(B, ...) -> (B,): the sum over everything but the batch dimension."""
+    return x.flatten(1).sum(1)
