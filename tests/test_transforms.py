@@ -15,6 +15,7 @@ from couplings.transforms import (
     Composite,
     DiagonalScaling,
     InvConv1x1,
+    LearnedSplitPrior,
     Logit,
     Permutation,
     Shift,
@@ -170,6 +171,56 @@ def test_batchnorm_training_mode_normalises_and_counts_its_log_det():
     expected = -0.5 * torch.log(x.var(0, unbiased=False) + layer.eps).sum()
     torch.testing.assert_close(ld, expected.expand(500))
     assert layer.running_mean.sub(0.4).abs().max() < 0.05  # one step of momentum 0.1 towards 4
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_batchnorm_training_mode_equals_a_direct_computation_from_the_batch_statistics(spatial):
+    """What every Real NVP and LatentRealNVP training loss uses: the batch's own mean and biased
+    variance per feature (per channel over batch, height and width for images), the learned
+    scale and shift, a log-det of H * W * sum(log_gamma - log(var + eps) / 2), and running
+    averages moved ``momentum`` of the way towards the batch's mean and unbiased variance."""
+    torch.manual_seed(0)
+    shape = (6, 3, 4, 5) if spatial else (6, 3)
+    layer = BatchNormFlow(3, spatial=spatial, momentum=0.2, eps=1e-3).double()
+    with torch.no_grad():
+        layer.log_gamma.copy_(torch.tensor([0.3, -0.7, 1.1]).view_as(layer.log_gamma))
+        layer.beta.copy_(torch.tensor([-1.0, 0.5, 2.0]).view_as(layer.beta))
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
+    z, ld = layer.train()(x)
+
+    columns = x.movedim(1, -1).reshape(-1, 3)  # every value of a feature in one column
+    mean, var = columns.mean(0), columns.var(0, unbiased=False)
+    gamma, beta = torch.tensor([0.3, -0.7, 1.1]).double().exp(), torch.tensor([-1.0, 0.5, 2.0]).double()
+    view = (1, 3, 1, 1) if spatial else (1, 3)
+    expected = (x - mean.view(view)) / torch.sqrt(var.view(view) + 1e-3) * gamma.view(view) + beta.view(view)
+    pixels = 4 * 5 if spatial else 1
+    expected_ld = pixels * (gamma.log() - 0.5 * torch.log(var + 1e-3)).sum()
+    torch.testing.assert_close(z, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ld, expected_ld.expand(6), atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.running_mean.flatten(), 0.2 * mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.running_var.flatten(), 0.8 + 0.2 * columns.var(0, unbiased=True),
+                               atol=1e-12, rtol=0)
+    # Its log-det is the Jacobian's, with the batch statistics held constant (as in Real NVP).
+    frozen = BatchNormFlow(3, spatial=spatial, eps=1e-3).double().eval()
+    frozen.load_state_dict({**layer.state_dict(), "running_mean": mean.view_as(layer.running_mean),
+                            "running_var": var.view_as(layer.running_var)})
+    torch.testing.assert_close(frozen(x)[0], z, atol=1e-12, rtol=0)
+    jac = jacobian(lambda row: frozen(row.unsqueeze(0))[0][0], x[0])
+    torch.testing.assert_close(torch.linalg.slogdet(jac.reshape(x[0].numel(), -1))[1], ld[0], atol=1e-10, rtol=0)
+
+
+def test_learned_split_prior_round_trip_and_log_det_given_the_kept_half():
+    torch.manual_seed(0)
+    prior = _randomized(LearnedSplitPrior(kept_channels=2, out_channels=3))
+    h = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    z_out = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    eps, ld = prior(z_out, h)
+    back, ld_inv = prior.inverse(eps, h)
+    torch.testing.assert_close(back, z_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ld_inv, -ld, atol=1e-12, rtol=0)
+    for i in range(4):
+        jac = jacobian(lambda row: prior(row.unsqueeze(0), h[i : i + 1])[0][0], z_out[i])
+        torch.testing.assert_close(torch.linalg.slogdet(jac.reshape(27, 27))[1], ld[i], atol=1e-10, rtol=0)
 
 
 def test_permutation_survives_save_load():

@@ -201,12 +201,12 @@ def parse_value(cls: type, key: str, text: str) -> Any:
 
 
 def split_overrides(pairs: list[str], model_config: type, train_config: type = PixelTrainConfig,
-                    model: str | None = None) -> tuple[str | None, dict, dict]:
+                    owner: str | None = None) -> tuple[str | None, dict, dict]:
     """Sorts ``key=value`` strings into (size preset, model fields, training fields).
 
     Raises:
         ConfigError: A pair has no '=', or names a key that is neither a model option, a
-            training option of ``train_config``, nor ``size`` (the message names ``model``).
+            training option of ``train_config``, nor ``size`` (the message names the model ``owner``).
     """
     model_keys = {f.name for f in fields(model_config)}
     train_keys = {f.name for f in fields(train_config)}
@@ -226,8 +226,8 @@ def split_overrides(pairs: list[str], model_config: type, train_config: type = P
             train[key] = parse_value(train_config, key, text.strip())
         else:
             known = ", ".join(sorted(model_keys | train_keys | {"size"}))
-            owner = f" of {model}" if model else ""
-            raise ConfigError(f"unknown key {key!r} in --set {pair}: not an option{owner}; known keys: {known}")
+            of = f" of {owner}" if owner else ""
+            raise ConfigError(f"unknown key {key!r} in --set {pair}: not an option{of}; known keys: {known}")
     return size, model, train
 
 

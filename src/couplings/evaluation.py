@@ -87,7 +87,8 @@ def evaluate_checkpoint(
         published = MODELS[state["model"]].published
         if published and dataset == "mnist":
             result["published_bits_per_dim"] = round(published.bits_per_dim(dim), 3)
-            result["published_source"] = f"{published.source}: {published.value:g} {published.unit}"
+            result["published_source"] = (published.source if published.unit == "bits/dim"
+                                          else f"{published.source}: {published.value:g} {published.unit}")
     else:
         pixels = torch.as_tensor(images).unsqueeze(1).float().div(255).to(device)  # (N, H, W) -> (N, 1, H, W)
         y = torch.as_tensor(labels).long().to(device)
