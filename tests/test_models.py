@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from couplings import checkpoint
-from couplings.likelihood import NonFiniteLogProbError, bits_per_dim
 from couplings.models import MODELS, NICE, Glow, RealNVP
 
 
@@ -116,50 +115,6 @@ def test_nice_density_integrates_to_one_in_2d(prior):
         density = model.log_prob(grid).exp()
     cell = (side[1] - side[0]) ** 2
     assert abs(float(density.sum() * cell) - 1.0) < 2e-3
-
-
-class _Constant:
-    """A density that is constant on [0, 1]^D: log p = c for every image."""
-
-    def __init__(self, c: float):
-        self.c = c
-
-    def log_prob(self, x):
-        return torch.full((x.shape[0],), self.c)
-
-
-def test_bits_per_dim_of_uniform_density_is_exactly_8():
-    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
-    assert bits_per_dim(_Constant(0.0), images, batch_size=7) == 8.0
-    assert bits_per_dim(_Constant(0.0), images.unsqueeze(1).numpy()) == 8.0
-
-
-def test_bits_per_dim_formula_and_dimension_from_the_images():
-    images = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)  # D = 16
-    c = 16 * math.log(2)  # one bit per dimension better than uniform
-    assert bits_per_dim(_Constant(c), images) == pytest.approx(7.0, abs=1e-6)
-
-
-def test_bits_per_dim_refuses_non_finite_log_probs():
-    class Broken:
-        def log_prob(self, x):
-            out = torch.zeros(x.shape[0])
-            out[::4] = float("nan")
-            return out
-
-    with pytest.raises(NonFiniteLogProbError, match="3 of 10 images"):
-        bits_per_dim(Broken(), torch.zeros(10, 28, 28, dtype=torch.uint8))
-
-
-def test_bits_per_dim_of_nice_is_deterministic_and_sane():
-    torch.manual_seed(0)
-    model = NICE(hidden_layers=1, hidden_units=8)
-    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
-    a = bits_per_dim(model, images, seed=1)
-    assert a == bits_per_dim(model, images, seed=1)
-    assert a != bits_per_dim(model, images, seed=2)
-    # An untrained NICE with a logistic prior on [0, 1] data is worse than uniform.
-    assert 8.0 < a < 12.0
 
 
 @pytest.mark.parametrize("cls", [RealNVP, Glow])

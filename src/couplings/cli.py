@@ -94,6 +94,12 @@ def _digit(text: str) -> int:
     return int(text)
 
 
+def _add_model_source(command: argparse.ArgumentParser) -> None:
+    """RUN_DIR_OR_CHECKPOINT or --pretrained NAME (see `_model_path`)."""
+    command.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    command.add_argument("--pretrained", metavar="NAME", help="a pretrained model shipped with couplings instead of a run")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="couplings", description="Train, evaluate and sample coupling-layer normalizing flows.")
     parser.add_argument("--version", action="version", version=f"couplings {__version__}")
@@ -122,8 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = commands.add_parser("eval", help="test bits/dim of a run or checkpoint; writes eval.json")
-    e.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
-    e.add_argument("--pretrained", metavar="NAME", help="a committed model from pretrained/ instead of a run")
+    _add_model_source(e)
     e.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the dataset the run trained on")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
@@ -133,8 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     s = commands.add_parser("sample", help="draw samples from a run or checkpoint into a PNG grid")
-    s.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
-    s.add_argument("--pretrained", metavar="NAME", help="a committed model from pretrained/ instead of a run")
+    _add_model_source(s)
     s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
     s.add_argument("--label", type=_digit, metavar="0-9", help="draw only this digit (conditional models)")
     s.add_argument("--temperature", type=_positive_float, default=1.0)

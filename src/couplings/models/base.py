@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "with_options"]
+__all__ = ["Flow", "check_at_least", "with_options"]
 
 C = TypeVar("C")
 
@@ -17,6 +17,13 @@ C = TypeVar("C")
 def with_options(config: C, options: dict[str, Any]) -> C:
     """A copy of dataclass ``config`` with ``options`` replaced (and validated by its ``__post_init__``)."""
     return dataclasses.replace(config, **options)
+
+
+def check_at_least(config: Any, low: int, *names: str) -> None:
+    """A config's ``__post_init__`` check: each named field is an integer >= ``low``."""
+    for name in names:
+        if getattr(config, name) < low:
+            raise ValueError(f"{name} must be >= {low}, found {getattr(config, name)}")
 
 
 def at_least_float32(t: Tensor) -> Tensor:

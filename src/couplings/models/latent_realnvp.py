@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from couplings.distributions import StandardNormal
-from couplings.models.base import Flow, with_options
+from couplings.models.base import Flow, check_at_least, with_options
 from couplings.transforms import AffineCoupling, BatchNormFlow, Composite, Permutation
 
 __all__ = ["ConvAutoencoder", "LatentRealNVP", "LatentRealNVPConfig"]
@@ -28,9 +28,7 @@ class LatentRealNVPConfig:
     image_size: int = 28
 
     def __post_init__(self):
-        for name in ("couplings", "hidden_layers", "hidden_units", "num_classes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        check_at_least(self, 1, "couplings", "hidden_layers", "hidden_units", "num_classes")
         if self.embedding_dim < 2:
             raise ValueError(f"embedding_dim must be >= 2 (a coupling splits it in two), found {self.embedding_dim}")
         if self.image_size < 4 or self.image_size % 4:

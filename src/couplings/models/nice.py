@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from couplings.distributions import make_prior
-from couplings.models.base import Flow, with_options
+from couplings.models.base import Flow, check_at_least, with_options
 from couplings.transforms import AdditiveCoupling, Composite, DiagonalScaling
 
 __all__ = ["NICE", "NICEConfig"]
@@ -24,9 +24,7 @@ class NICEConfig:
     prior: str = "logistic"
 
     def __post_init__(self):
-        for name in ("dim", "couplings", "hidden_layers", "hidden_units"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        check_at_least(self, 1, "dim", "couplings", "hidden_layers", "hidden_units")
         if self.dim < 2:
             raise ValueError(f"dim must be >= 2 (a coupling splits it in two), found {self.dim}")
         if self.prior not in ("logistic", "gaussian"):
