@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +99,22 @@ def test_missing_path(tmp_path):
         checkpoint.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="without best.pt or last.pt"):
         checkpoint.load(tmp_path)
+
+
+def test_pretrained_models_are_found_from_an_installed_wheel(tmp_path):
+    """Built as a wheel and installed (not editable) into a bare folder, couplings finds its
+    pretrained models inside the installed package, with no source checkout to lean on."""
+    root = Path(__file__).resolve().parents[1]
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(root)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("couplings-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
+    code = ("import couplings.checkpoint as c; p = c.pretrained_path('glow-small-mnist'); "
+            "m, s = c.load_model(p); print(p, type(m).__name__, s['provenance']['test_bits_per_dim'])")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    env.pop("COUPLINGS_PRETRAINED", None)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
+                         cwd=tmp_path).stdout.split()
+    assert Path(out[0]).is_relative_to(target) and out[1] == "Glow" and float(out[2]) == pytest.approx(2.3268, abs=1e-4)
