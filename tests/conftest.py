@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -72,3 +73,27 @@ _CHILD = (
 def cli_child(*argv: str) -> list[str]:
     """The command line of a child process running ``couplings *argv`` with dataset "tiny"."""
     return [sys.executable, "-c", _CHILD, json.dumps(data.DATASETS["tiny"].md5), *argv]
+
+
+# Tests marked `network` read the real MNIST and Fashion-MNIST files (fetched through the data
+# layer's sources once, then cached). Where no source is reachable they are skipped with the
+# reason, unless $COUPLINGS_REQUIRE_NETWORK=1 (set by CI) makes that a failure.
+_UNREACHABLE: dict[str, str | None] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("network") is None:
+        return
+    for name in ("mnist", "fashion-mnist"):
+        if name not in _UNREACHABLE:
+            try:
+                data.fetch(name)
+                _UNREACHABLE[name] = None
+            except data.DatasetError as e:
+                _UNREACHABLE[name] = str(e)
+        if _UNREACHABLE[name]:
+            message = f"no source of {name} reachable: {_UNREACHABLE[name]}"
+            if os.environ.get("COUPLINGS_REQUIRE_NETWORK") == "1":
+                pytest.fail(f"{message} ($COUPLINGS_REQUIRE_NETWORK=1 makes the real datasets required)")
+            pytest.skip(f"{message}; set COUPLINGS_REQUIRE_NETWORK=1 to make this a failure")

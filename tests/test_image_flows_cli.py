@@ -7,8 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from couplings import checkpoint
+from couplings import checkpoint, data
 from couplings.cli import main
+from couplings.likelihood import bits_per_dim
 
 
 @pytest.mark.parametrize("model", ["realnvp", "glow"])
@@ -25,7 +26,9 @@ def test_train_eval_sample_interpolate(model, tiny_dataset, tmp_path, capsys):
     assert main(["eval", str(run), "--samples", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     result = json.loads((run / "eval.json").read_text())["test"]
-    assert "bits/dim" in out and 0 < result["bits_per_dim"] < 16
+    trained, _ = checkpoint.load_model(run)
+    assert "bits/dim" in out and result["bits_per_dim"] == pytest.approx(
+        bits_per_dim(trained, data.load("tiny", "test")[0], seed=0), abs=1e-6)
     assert result["reconstruction_max_abs_error"] < 1e-4
 
     sweep = tmp_path / "sweep.png"

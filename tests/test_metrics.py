@@ -52,12 +52,14 @@ def classifier() -> Classifier:
     return load_classifier("mnist")
 
 
+@pytest.mark.network
 def test_committed_classifier_accuracy_and_size(classifier, mnist_test):
     images, labels = mnist_test
     assert metrics.conditional_accuracy(classifier, images, torch.as_tensor(labels)) >= 0.99
     assert sum(p.numel() for p in classifier.parameters()) * 4 <= 2 * 1024 * 1024
 
 
+@pytest.mark.network
 def test_fid_on_mnist_features(classifier, mnist_test):
     images, _ = mnist_test
     feats = metrics.features(classifier, images)
@@ -72,6 +74,7 @@ def test_fid_on_mnist_features(classifier, mnist_test):
     assert noisy > 100 * max(halves, 0.01), (noisy, halves)
 
 
+@pytest.mark.network
 def test_sample_quality_names_its_features(classifier, mnist_test):
     images, labels = mnist_test
     train, _ = data.load("mnist", "train")
@@ -83,6 +86,7 @@ def test_sample_quality_names_its_features(classifier, mnist_test):
     assert result["nearest_train_l2"] > 0
 
 
+@pytest.mark.network
 def test_committed_fashion_classifier_accuracy():
     images, labels = data.load("fashion-mnist", "test")
     accuracy = metrics.conditional_accuracy(load_classifier("fashion-mnist"), images, torch.as_tensor(labels))

@@ -38,8 +38,13 @@ def _assert_same_weights(a, b):
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
     for key in a["model_state"]:
         torch.testing.assert_close(a["model_state"][key], b["model_state"][key], atol=0, rtol=0)
+    # The whole optimizer state: every moment and step count, and the param groups (learning rates).
+    assert a["optimizer_state"]["param_groups"] == b["optimizer_state"]["param_groups"]
+    assert a["optimizer_state"]["state"].keys() == b["optimizer_state"]["state"].keys()
     for x, y in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
-        torch.testing.assert_close(x["exp_avg_sq"], y["exp_avg_sq"], atol=0, rtol=0)
+        assert x.keys() == y.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=0, rtol=0)
 
 
 # --- Exact resume -------------------------------------------------------------------------------

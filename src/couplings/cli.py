@@ -236,7 +236,7 @@ def _cmd_eval(args) -> int:
         print(f"reconstruction: max |inverse(transform(x)) - x| = {result['reconstruction_max_abs_error']:.2e}")
     if "published_bits_per_dim" in result:
         gap = result["bits_per_dim"] - result["published_bits_per_dim"]
-        print(f"published: {result['published_bits_per_dim']} bits/dim ({result['published_source']}); "
+        print(f"published: {result['published_bits_per_dim']:.3f} bits/dim ({result['published_source']}); "
               f"this run is {gap:+.4f} bits/dim from it")
     quality = result.get("sample_quality", {})
     if "fid" in quality:

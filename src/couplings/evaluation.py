@@ -86,7 +86,7 @@ def evaluate_checkpoint(
         })
         published = MODELS[state["model"]].published
         if published and dataset == "mnist":
-            result["published_bits_per_dim"] = round(published.bits_per_dim(dim), 3)
+            result["published_bits_per_dim"] = published.bits_per_dim(dim)
             result["published_source"] = (published.source if published.unit == "bits/dim"
                                           else f"{published.source}: {published.value:g} {published.unit}")
     else:
