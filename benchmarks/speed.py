@@ -19,7 +19,6 @@ import time
 import torch
 
 from couplings.models import build_model
-from couplings.likelihood import dequantize
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS
 from couplings.training.optim import make_adam
@@ -56,7 +55,8 @@ def main() -> None:
     size = args.size or next(iter(entry.presets))
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.model, vars(entry.config(**entry.presets[size]))).to(device)
+    model_part, _ = entry.preset(size)
+    model = build_model(args.model, vars(entry.config(**model_part))).to(device)
     cfg = entry.train_config(compile=args.compile, precision=args.precision, channels_last=args.channels_last,
                              adam=args.adam)
     optimizer = make_adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -65,7 +65,7 @@ def main() -> None:
     pixels = torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8, device=device)
 
     def train_step():
-        loss = nll(dequantize(pixels))
+        loss = nll(pixels, torch.rand(pixels.shape, device=device))  # the uniform dequantization noise
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
@@ -39,3 +41,26 @@ def test_time_to_target_reads_a_run(tmp_path):
     reached, missed = (json.loads(line) for line in done.stdout.splitlines())
     assert reached["reached"] and reached["minutes"] == 2.5 and reached["epoch"] == 2
     assert not missed["reached"] and missed["best_val_bpd"] == 4.4 and missed["trained_minutes"] == 2.5
+
+
+def test_learning_curve_counts_training_time_only_and_plots(tiny_dataset, tmp_path):
+    script = SCRIPT.with_name("learning_curve.py")
+    spec = importlib.util.spec_from_file_location("learning_curve", script)
+    learning_curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learning_curve)  # in this process, which knows the dataset "tiny"
+    out = tmp_path / "curve.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        assert learning_curve.main(["realnvp", "--set", "dataset=tiny", "--set", "val_size=50", "--set", "size=small",
+                                    "--set", "hidden=4", "--set", "batch_size=25", "--minutes", "0.04",
+                                    "--eval-every", "0.8", "--val-images", "20", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread; the other tests on all
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and records[-1]["train_seconds"] >= 2.4
+    times = [r["train_seconds"] for r in records]
+    assert times == sorted(times) and all(b - a < 2.0 for a, b in zip([0.0, *times], times))  # evaluation not counted
+    assert records[-1]["val_images"] == 20 and records[-1]["step"] > records[0]["step"] > 0
+    png = tmp_path / "curves.png"
+    subprocess.run([sys.executable, str(script), "plot", str(out), "-o", str(png)], check=True, capture_output=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

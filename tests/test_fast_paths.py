@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from couplings.config import PixelTrainConfig as TrainConfig
-from couplings.likelihood import dequantize
 from couplings.models import NICE, Glow, RealNVP
 from couplings.training.optim import make_adam
 from couplings.training.pixel import training_nll
@@ -31,10 +30,16 @@ OPTIONS = {
 }
 
 
-def _batch(n: int = 16) -> torch.Tensor:
+def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit pixels and their uniform dequantization noise, as the trainer draws them."""
     generator = torch.Generator().manual_seed(1)
     pixels = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    return dequantize(pixels, generator)
+    return pixels, torch.rand(pixels.shape, generator=generator)
+
+
+def _dequantized(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    pixels, noise = batch
+    return (pixels.float() + noise) / 256
 
 
 def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
@@ -46,7 +51,7 @@ def _one_step(model, cfg: TrainConfig, x: torch.Tensor) -> tuple[float, torch.Te
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     nll = training_nll(model, cfg, torch.device("cpu"))
     optimizer = _adam(model.parameters(), cfg)
-    loss = nll(x)
+    loss = nll(*x)
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     optimizer.step()
@@ -67,14 +72,14 @@ def test_fast_path_matches_the_plain_path(name, option):
     torch.manual_seed(0)
     plain = MODELS[name]()
     x = _batch()
-    plain.log_prob(x[:8])  # data-dependent initialisation (ActNorm) before copying
+    plain.log_prob(_dequantized(x)[:8])  # data-dependent initialisation (ActNorm) before copying
     fast = copy.deepcopy(plain)
 
     # log_prob (as the mean negative log-likelihood), eval mode, the same weights, through each path.
     plain.eval(), fast.eval()
     with torch.no_grad():
-        plain_nll = training_nll(plain, TrainConfig(), torch.device("cpu"))(x).item()
-        fast_nll = training_nll(fast, TrainConfig(**overrides), torch.device("cpu"))(x).item()
+        plain_nll = training_nll(plain, TrainConfig(), torch.device("cpu"))(*x).item()
+        fast_nll = training_nll(fast, TrainConfig(**overrides), torch.device("cpu"))(*x).item()
     assert fast_nll == pytest.approx(plain_nll, rel=rtol)
     plain.train(), fast.train()
 
@@ -93,14 +98,14 @@ def test_fast_path_matches_the_plain_path(name, option):
         torch.testing.assert_close(fast_step, plain_step, rtol=1e-4, atol=1e-7)  # lr is 1e-3
         plain.eval(), fast.eval()
         with torch.inference_mode():
-            torch.testing.assert_close(fast.log_prob(x), plain.log_prob(x), rtol=1e-5, atol=1e-3)
+            torch.testing.assert_close(fast.log_prob(_dequantized(x)), plain.log_prob(_dequantized(x)), rtol=1e-5, atol=1e-3)
 
 
 def test_training_loss_is_float32_under_bf16_autocast():
     torch.manual_seed(0)
     model = MODELS["glow"]()
     x = _batch()
-    loss = training_nll(model, TrainConfig(precision="bf16"), torch.device("cpu"))(x)
+    loss = training_nll(model, TrainConfig(precision="bf16"), torch.device("cpu"))(*x)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from couplings import checkpoint
+from couplings.likelihood import log_probs
 from couplings.models import MODELS, NICE, Glow, RealNVP
+from couplings.models.dequantization import VariationalDequantizer
 
 
 def small_models():
@@ -163,6 +166,13 @@ def test_actnorm_initialisation_survives_a_checkpoint(tmp_path):
 def test_presets_build(name):
     entry = MODELS[name]
     assert list(entry.presets)[0] == "mnist" and "small" in entry.presets
+    for size in entry.presets:
+        model_part, train_part = entry.preset(size)
+        entry.cls(**model_part)
+        assert set(train_part) <= {f.name for f in dataclasses.fields(entry.train_config)}
+    if name == "realnvp":
+        model_part, train_part = entry.preset("fast")
+        assert entry.cls(**model_part).dequantizer is not None and train_part == {"grad_clip": 500.0}
     model = entry.cls(entry.config(**entry.presets["small"]))
     assert model.event_shape == (1, 28, 28)
     assert model.config == entry.cls(**entry.presets["small"]).config  # a config or its fields as keywords
@@ -174,3 +184,79 @@ def test_models_and_transforms_import_no_data_training_cli_or_report():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for name in ("couplings.data", "couplings.training", "couplings.cli", "couplings.report", "couplings.checkpoint"):
         assert f"'{name}" not in loaded, loaded
+
+
+def test_variational_dequantizer_starts_uniform_and_its_log_q_is_its_jacobian():
+    torch.manual_seed(0)
+    deq = VariationalDequantizer(1, couplings=2, hidden=4, blocks=1).double()
+    noise = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 0.98 + 0.01
+    pixels = torch.randint(0, 256, (3, 1, 4, 4)).double()
+    u, log_q = deq(noise, pixels)
+    torch.testing.assert_close(u, noise, atol=1e-12, rtol=0)  # zero-initialised couplings: q is uniform
+    torch.testing.assert_close(log_q, torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    with torch.no_grad():
+        for p in deq.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    u, log_q = deq(noise, pixels)
+    assert ((u > 0) & (u < 1)).all()
+    for i in range(3):  # log q(u | k) = log 1 - log |det du/d noise|
+        jac = torch.autograd.functional.jacobian(lambda row: deq(row.unsqueeze(0), pixels[i : i + 1])[0][0], noise[i])
+        torch.testing.assert_close(log_q[i], -torch.linalg.slogdet(jac.reshape(16, 16))[1], atol=1e-9, rtol=0)
+    assert not torch.allclose(deq(noise, pixels.flip(0))[0], u)  # conditioned on the image
+
+
+def test_a_variationally_dequantized_model_scores_its_bound_and_the_importance_weighted_estimate():
+    torch.manual_seed(0)
+    model = _perturbed(RealNVP(image_shape=(1, 4, 4), scales=1, hidden=4, blocks=1, per_scale=1, final=1,
+                               net="gated", scale="bounded", batch_norm=False, alpha=1e-5,
+                               dequantization="variational", dequant_hidden=4)).double()
+    assert model.dequantizer is not None and any(n.startswith("dequantizer.") for n, _ in model.named_parameters())
+    pixels = torch.randint(0, 256, (5, 4, 4), dtype=torch.uint8)
+    # The bound of one draw: log p(x) - log q(u | k) at x = (k + u) / 256, u from the dequantizer.
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.rand(5, 1, 4, 4, generator=generator, dtype=torch.float64)
+    u, log_q = model.dequantizer(noise, pixels.unsqueeze(1).double())
+    with torch.no_grad():
+        expected = model.log_prob((pixels.unsqueeze(1).double() + u) / 256) - log_q
+    torch.testing.assert_close(log_probs(model, pixels, seed=3), expected, atol=1e-9, rtol=0)
+    # K draws: log mean exp of the K bounds, never below their mean (Jensen).
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        draws = torch.stack([model.pixel_log_prob(pixels.unsqueeze(1), torch.rand(5, 1, 4, 4, generator=generator,
+                                                                                  dtype=torch.float64))
+                             for _ in range(4)])
+    weighted = log_probs(model, pixels, seed=3, importance_samples=4)
+    torch.testing.assert_close(weighted, torch.logsumexp(draws, 0) - math.log(4), atol=1e-9, rtol=0)
+    assert (weighted >= draws.mean(0) - 1e-9).all()
+    model.train()
+    model.pixel_log_prob(pixels.unsqueeze(1), noise).mean().backward()
+    assert all(p.grad is not None for p in model.dequantizer.parameters())  # trained by the same loss
+
+
+def test_class_conditional_glow_has_a_prior_per_class():
+    torch.manual_seed(0)
+    g = _perturbed_conditional(Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0, num_classes=3))
+    assert g.conditional and g.num_classes == 3
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    z, ld = g.transform(x, y)
+    for i in range(3):  # the whole model's log-det, given the label, is its Jacobian's
+        jac = torch.autograd.functional.jacobian(lambda row: g.transform(row.unsqueeze(0), y[i : i + 1])[0][0], x[i])
+        torch.testing.assert_close(ld[i], torch.linalg.slogdet(jac.reshape(64, 64))[1], atol=1e-8, rtol=0)
+    back, ld_inv = g.inverse(z, y)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ld_inv, -ld, atol=1e-8, rtol=0)
+    assert not torch.allclose(g.log_prob(x, y), g.log_prob(x, y.roll(1)))  # the label changes the density
+    samples = g.sample(4, torch.tensor([2, 2, 0, 1]), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
+    with pytest.raises(ValueError, match="class-conditional: expected labels"):
+        g.log_prob(x)
+
+
+def _perturbed_conditional(g):
+    g = g.double().train()
+    with torch.no_grad():
+        g.log_prob(torch.rand(16, *g.event_shape, dtype=torch.float64), torch.arange(16) % g.num_classes)
+        for p in g.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return g.eval()

@@ -29,6 +29,7 @@ PIXEL_ONLY = {
     "samples_per_epoch": ["--set", "samples_per_epoch=8"],
     "eval_batch_size": ["--set", "eval_batch_size=10"],
     "wn_l2": ["--set", "wn_l2=0.001"],
+    "ema_decay": ["--set", "ema_decay=0.999"],
 }
 
 
@@ -97,3 +98,90 @@ def test_a_second_train_into_a_live_run_is_refused_and_a_killed_run_resumes(tiny
                                        "--quiet"), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load(out / "last.pt")["step"] == step + 2
+
+
+def test_learning_rate_schedules():
+    from couplings.config import TrainConfig
+    from couplings.training.optim import lr_factor
+
+    warm = TrainConfig(warmup_steps=4)
+    assert [lr_factor(warm, s, 10) for s in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]
+    exponential = TrainConfig(lr_schedule="exponential", lr_decay=0.5)
+    assert lr_factor(exponential, 0, 10) == 1.0 and lr_factor(exponential, 20, 10) == pytest.approx(0.25)
+    assert lr_factor(exponential, 5, 10) == pytest.approx(0.5**0.5)  # per epoch, continuously
+    cosine = TrainConfig(lr_schedule="cosine", schedule_steps=100, warmup_steps=10)
+    assert lr_factor(cosine, 10, 7) == 1.0 and lr_factor(cosine, 60, 7) == pytest.approx(0.5)
+    assert lr_factor(cosine, 110, 7) == pytest.approx(0.0, abs=1e-12) and lr_factor(cosine, 500, 7) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(TrainConfig(lr_schedule="cosine", epochs=2), 10, 10) == pytest.approx(0.5)  # default: all epochs
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_ema_averages_floating_state_and_swaps_it_in_and_out():
+    import torch
+
+    from couplings.training.optim import EMA
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.state_dict()["weight"], torch.full((1, 2), 1.5))  # 0.75 * 1 + 0.25 * 3
+    with ema.applied(model):
+        assert torch.equal(model.weight, torch.full((1, 2), 1.5))
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+
+
+FAST = ["--dataset", "tiny", "--set", "size=small", "--set", "hidden=4", "--set", "val_size=50", "--set", "net=gated",
+        "--set", "scale=bounded", "--set", "dequantization=variational", "--set", "dequant_hidden=4",
+        "--set", "batch_norm=false", "--set", "alpha=1e-5", "--set", "ema_decay=0.9", "--set", "lr_schedule=cosine",
+        "--set", "warmup_steps=2", "--set", "samples_per_epoch=4", "--batch-size", "25", "--device", "cpu", "--quiet"]
+
+
+def test_a_run_with_every_fast_learning_option_resumes_exactly_and_evaluates_its_averaged_weights(
+        tiny_dataset, tmp_path, capsys):
+    import json
+
+    import torch
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "realnvp", "--out", str(straight), *FAST, "--max-steps", "14"]) == 0
+    assert main(["train", "realnvp", "--out", str(split), *FAST, "--max-steps", "5"]) == 0
+    assert main(["train", "realnvp", "--out", str(split), "--resume", "--max-steps", "14", "--quiet"]) == 0
+    a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
+    assert a["step"] == b["step"] == 14 and a["ema_state"].keys() == a["model_state"].keys()
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+        assert torch.equal(a["ema_state"][key], b["ema_state"][key]), key
+    model, state = checkpoint.load_model(straight / "last.pt")
+    averaged = {k: v for k, v in model.state_dict().items()}
+    assert all(torch.equal(averaged[k], state["ema_state"][k]) for k in averaged)  # eval and sampling use them
+    capsys.readouterr()
+    assert main(["eval", str(straight), "--samples", "0", "--importance-samples", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "importance-weighted, 3 draws of variational dequantization" in out
+    result = json.loads((straight / "eval.json").read_text())["test@K=3"]
+    assert result["importance_samples"] == 3 and result["reconstruction_max_abs_error"] < 1e-4
+
+
+def test_class_conditional_glow_trains_evaluates_and_samples_by_label(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "glow"
+    assert main(["train", "glow", "--out", str(run), "--dataset", "tiny", "--set", "size=small", "--set", "hidden=4",
+                 "--set", "num_classes=10", "--set", "val_size=50", "--set", "samples_per_epoch=4",
+                 "--max-steps", "3", "--batch-size", "25", "--device", "cpu", "--quiet"]) == 0
+    assert main(["eval", str(run), "--samples", "0", "--device", "cpu"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert main(["sample", str(run), "--label", "7", "-n", "3", "-o", str(tmp_path / "sevens.png")]) == 0
+    assert main(["interpolate", str(run), "-o", str(tmp_path / "i.png")]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+
+
+def test_a_preset_may_set_training_options_and_what_is_given_wins(tiny_dataset, tmp_path):
+    plan = plan_run("realnvp", tmp_path / "a", size="fast", train_overrides={"dataset": "tiny", "val_size": 50})
+    assert plan.cfg.grad_clip == 500.0 and plan.model_config["dequantization"] == "variational"
+    plan = plan_run("realnvp", tmp_path / "b", size="fast", train_overrides={"dataset": "tiny", "val_size": 50,
+                                                                             "grad_clip": 10.0})
+    assert plan.cfg.grad_clip == 10.0

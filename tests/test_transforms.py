@@ -15,6 +15,7 @@ from couplings.transforms import (
     Composite,
     DiagonalScaling,
     InvConv1x1,
+    Inverse,
     LearnedSplitPrior,
     Logit,
     Permutation,
@@ -68,6 +69,11 @@ IMAGE_LAYERS = {
     "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),
     "coupling-channel-sigmoid": (lambda: AffineCoupling2d(4, "channel", 1, 4, 0, scale="sigmoid").eval(), (4, 2, 2)),
     "coupling-sigmoid-min-scale": (lambda: AffineCoupling2d(4, "channel", 0, 4, 0, "sigmoid", 0.1).eval(), (4, 2, 2)),
+    "coupling-checkerboard-bounded-gated": (lambda: AffineCoupling2d(2, "checkerboard", 0, 4, 1, scale="bounded",
+                                                                     net="gated"), (2, 4, 4)),
+    "coupling-channel-bounded-gated": (lambda: AffineCoupling2d(4, "channel", 1, 4, 2, scale="bounded", net="gated"),
+                                       (4, 2, 2)),
+    "sigmoid": (lambda: Inverse(Logit(0.0)), (1, 2, 2)),
     "glow-step": (lambda: Composite([_initialized(ActNorm(4), (4, 2, 2)), InvConv1x1(4),
                                      AffineCoupling2d(4, "channel", 0, 4, 0, scale="sigmoid")]).eval(), (4, 2, 2)),
 }
@@ -209,6 +215,33 @@ def test_batchnorm_training_mode_equals_a_direct_computation_from_the_batch_stat
     torch.testing.assert_close(torch.linalg.slogdet(jac.reshape(x[0].numel(), -1))[1], ld[0], atol=1e-10, rtol=0)
 
 
+def test_a_coupling_conditioned_on_an_image_context():
+    torch.manual_seed(0)
+    layer = _randomized(AffineCoupling2d(1, "checkerboard", 1, 4, 1, scale="bounded", net="gated", context_channels=2))
+    x, y = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    z, ld = layer(x, y)
+    back, ld_inv = layer.inverse(z, y)
+    torch.testing.assert_close(back, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ld_inv, -ld, atol=1e-12, rtol=0)
+    for i in range(3):
+        jac = jacobian(lambda row: layer(row.unsqueeze(0), y[i : i + 1])[0][0], x[i])
+        torch.testing.assert_close(torch.linalg.slogdet(jac.reshape(16, 16))[1], ld[i], atol=1e-10, rtol=0)
+    assert not torch.allclose(layer(x, y.flip(0))[0], z)  # the context matters
+    with pytest.raises(ValueError, match=r"expected a context of shape \(B, 2, 4, 4\), found None"):
+        layer(x)
+
+
+def test_the_bounded_scale_can_expand_and_contract_but_never_past_its_bound():
+    layer = AffineCoupling2d(4, "channel", 0, 8, 0, scale="bounded", net="gated").eval()
+    with torch.no_grad():
+        layer.net.tail.bias.copy_(torch.tensor([-40.0, 40.0, 0.0, 0.0]))  # h far below and above 0: (h, h, t, t)
+    x = torch.randn(2, 4, 3, 3)
+    z, ld = layer(x)
+    torch.testing.assert_close(z[:, 2] / x[:, 2], torch.full_like(z[:, 2], torch.e ** -1))  # c = exp(0) = 1
+    torch.testing.assert_close(z[:, 3] / x[:, 3], torch.full_like(z[:, 3], torch.e))
+    torch.testing.assert_close(ld, torch.zeros(2), atol=1e-5, rtol=0)  # -1 and +1 per pixel cancel
+
+
 def test_learned_split_prior_round_trip_and_log_det_given_the_kept_half():
     torch.manual_seed(0)
     prior = _randomized(LearnedSplitPrior(kept_channels=2, out_channels=3))
@@ -274,3 +307,12 @@ def test_min_scale_bounds_the_glow_scale():
     torch.testing.assert_close(ld, torch.log(torch.tensor([0.1])))
     with pytest.raises(ValueError, match="min_scale"):
         AffineCoupling2d(4, "channel", 0, 8, 0, scale="tanh", min_scale=0.1)
+
+
+def test_a_coupling_trains_after_it_was_evaluated_under_inference_mode():
+    layer = AffineCoupling2d(1, "checkerboard", 0, 4, 1)
+    x = torch.rand(2, 1, 4, 4)
+    with torch.inference_mode():
+        layer(x)  # builds (and caches) the checkerboard mask as an inference tensor
+    z, ld = layer(x)
+    (z.sum() + ld.sum()).backward()  # would fail if the cached inference-mode mask were reused

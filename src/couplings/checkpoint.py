@@ -101,7 +101,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     payload = load(path)
     try:
         model = build_model(payload["model"], payload["model_config"])
-        model.load_state_dict(payload["model_state"])
+        # A run trained with Polyak averaging is evaluated and sampled with the averaged weights.
+        model.load_state_dict(payload.get("ema_state") or payload["model_state"])
     except (TypeError, ValueError, RuntimeError) as e:
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         # load_state_dict's first line only names the model; the next one names the first mismatch.
@@ -122,13 +123,14 @@ def pretrained_path(name: str) -> Path:
 
 def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: bool = False,
                       provenance: dict[str, Any] | None = None) -> Path:
-    """Writes a run's best weights, without optimizer state, as a small checkpoint.
+    """Writes a run's best weights (its Polyak averages, if it kept them), without optimizer
+    state, as a small checkpoint.
 
     ``half=True`` stores floating-point tensors in float16 (they load back into float32
     parameters); buffers such as ActNorm flags and permutations keep their dtypes.
     """
     payload = load(run)
-    state = payload["model_state"]
+    state = payload.get("ema_state") or payload["model_state"]
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     keep = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")

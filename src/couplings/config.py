@@ -50,8 +50,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     val_size: int = 10_000
     seed: int = 0
-    grad_clip: float | None = None
-    warmup_steps: int = 0
+    grad_clip: float | None = None  # clip the gradient's global norm at this (none: no clipping)
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
+    lr_schedule: str = "constant"  # after the warm-up: "constant", "exponential" or "cosine"
+    lr_decay: float = 0.99  # "exponential": the learning rate's factor per epoch
+    schedule_steps: int | None = None  # "cosine": steps to decay to 0 over (none: every epoch's steps)
     checkpoint_every: int | None = None  # also write last.pt every this many steps inside an epoch
     max_bad_steps: int = 10  # consecutive non-finite steps skipped before rolling back
     max_rollbacks: int = 1  # rollbacks to last.pt before giving up with an error
@@ -82,6 +85,11 @@ class TrainConfig:
             raise ConfigError(
                 f"need grad_clip > 0 (or none) and warmup_steps >= 0; found {self.grad_clip}, {self.warmup_steps}"
             )
+        if self.lr_schedule not in ("constant", "exponential", "cosine") or not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"need lr_schedule constant, exponential or cosine and 0 < lr_decay <= 1; "
+                              f"found {self.lr_schedule!r} and {self.lr_decay}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ConfigError(f"schedule_steps must be >= 1 (or none), found {self.schedule_steps}")
 
 
 @dataclass
@@ -98,9 +106,12 @@ class PixelTrainConfig(TrainConfig):
     precision: str = "fp32"  # "bf16": autocast matmuls and convolutions; log-dets and the loss stay float32
     channels_last: bool = False  # channels-last memory format for the convolutions
     adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
+    ema_decay: float | None = None  # Polyak (EMA) weights for validation, best.pt, eval and sampling, e.g. 0.999
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1) (or none), found {self.ema_decay}")
         for name in ("eval_batch_size", "samples_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")

@@ -23,8 +23,9 @@ NO_PIXEL_BPD = "latent density: no pixel bits/dim"
 
 
 @torch.inference_mode()
-def reconstruction_error(model, images, *, batch_size: int = 1000, seed: int = 0) -> float:
-    """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W))."""
+def reconstruction_error(model, images, *, labels=None, batch_size: int = 1000, seed: int = 0) -> float:
+    """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W)), given
+    their ``labels`` for a class-conditional model."""
     device = model.prior.device
     dtype = model.prior.dtype
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -33,8 +34,9 @@ def reconstruction_error(model, images, *, batch_size: int = 1000, seed: int = 0
     worst = 0.0
     for start in range(0, len(pixels), batch_size):
         x = dequantize(pixels[start : start + batch_size].to(device), generator, dtype)
-        z, _ = model.transform(x)
-        worst = max(worst, float((model.inverse(z)[0] - x).abs().max()))
+        y = None if labels is None else torch.as_tensor(labels[start : start + batch_size]).long().to(device)
+        z, _ = model.transform(x, y)
+        worst = max(worst, float((model.inverse(z, y)[0] - x).abs().max()))
     return worst
 
 
@@ -47,14 +49,17 @@ def evaluate_checkpoint(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 1000,
+    importance_samples: int = 1,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict:
     """Scores a checkpoint (or run directory) on ``split`` of ``dataset``.
 
-    Pixel-space models get bits/dim and the log-likelihood in nats; latent models get their
-    latent NLL and ``bits_per_dim: None`` with the reason. With ``samples > 0`` and a committed
-    classifier for the dataset, the sample-quality metrics of `couplings.metrics` are added.
+    Pixel-space models get bits/dim and the log-likelihood in nats, with ``estimate`` saying
+    which: the dequantization bound of one draw, or (``importance_samples`` K > 1) the
+    importance-weighted estimate over K draws; latent models get their latent NLL and
+    ``bits_per_dim: None`` with the reason. With ``samples > 0`` and a committed classifier for
+    the dataset, the sample-quality metrics of `couplings.metrics` are added.
     """
     started = time.perf_counter()
     model, state = checkpoint.load_model(path, device)
@@ -75,14 +80,22 @@ def evaluate_checkpoint(
         "training_hardware": state.get("hardware"),
     }
     if model.has_pixel_density:
-        lp = log_probs(model, images, batch_size=batch_size, seed=seed, progress=progress)
+        given = labels if model.conditional else None
+        lp = log_probs(model, images, batch_size=batch_size, seed=seed, importance_samples=importance_samples,
+                       labels=given, progress=progress)
         dim = math.prod(images.shape[1:])
+        kind = "variational" if model.dequantizer is not None else "uniform"
+        estimate = (f"importance-weighted, {importance_samples} draws of {kind} dequantization"
+                    if importance_samples > 1 else f"bound, one draw of {kind} dequantization")
         result.update({
             "dimensions": dim,
             "bits_per_dim": nats_to_bits_per_dim(float(lp.mean()), dim),
             "log_likelihood_nats": float(lp.mean()),
+            "estimate": estimate,
+            "importance_samples": importance_samples,
             "dequantization_seed": seed,
-            "reconstruction_max_abs_error": reconstruction_error(model, images, batch_size=batch_size, seed=seed),
+            "reconstruction_max_abs_error": reconstruction_error(model, images, labels=given, batch_size=batch_size,
+                                                                 seed=seed),
         })
         published = MODELS[state["model"]].published
         if published and dataset == "mnist":

@@ -41,6 +41,16 @@ def _as_image_batch(images: np.ndarray | Tensor) -> Tensor:
     return images
 
 
+def _draw_log_prob(model, pixels: Tensor, y: Tensor | None, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """One dequantization draw's ``log p(x) - log q(u | k)`` per image: through the model's own
+    dequantization (`couplings.models.Flow.pixel_log_prob`), or uniform noise for any other
+    object with ``log_prob(x)``."""
+    noise = torch.rand(pixels.shape, generator=generator, device=pixels.device, dtype=dtype)
+    if isinstance(model, Flow):
+        return model.pixel_log_prob(pixels, noise, y)
+    return model.log_prob((pixels.to(dtype) + noise) / 256)
+
+
 @torch.inference_mode()
 def log_probs(
     model,
@@ -48,17 +58,25 @@ def log_probs(
     *,
     batch_size: int = 1000,
     seed: int = 0,
+    importance_samples: int = 1,
+    labels: np.ndarray | Tensor | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Per-image log-density (nats, float64, shape (N,)) of one dequantization draw.
+    """Per-image log-density (nats, float64, shape (N,)) of the dequantized images.
 
-    The draw is fixed by ``seed``, so repeated calls agree. ``model`` is anything with
-    ``log_prob(x)`` on (B, C, H, W) floats; modules are run in eval mode and on their own
-    device and dtype.
+    With ``importance_samples=1`` it is one dequantization draw of ``log p(x) - log q(u | k)``
+    (q = 1 for uniform dequantization): the variational bound. With K > 1 it is the
+    importance-weighted estimate ``log mean_k exp(log p(x_k) - log q(u_k | k))`` over K draws,
+    a tighter bound (what papers with variational dequantization report). The draws are fixed by
+    ``seed``, so repeated calls agree. ``model`` is a `couplings.models.Flow` or anything with
+    ``log_prob(x)`` on (B, C, H, W) floats; modules are run in eval mode and on their own device
+    and dtype. A class-conditional model scores ``log p(x | y)`` for the given ``labels``.
 
     Raises:
         NonFiniteLogProbError: Some log-probabilities are NaN or infinite.
     """
+    if importance_samples < 1:
+        raise ValueError(f"importance_samples must be >= 1, found {importance_samples}")
     if isinstance(model, Flow) and not model.has_pixel_density:
         raise TypeError(f"{type(model).__name__} models a latent density: it has no pixel log-likelihood or bits/dim")
     pixels = _as_image_batch(images)
@@ -72,8 +90,11 @@ def log_probs(
     try:
         chunks = []
         for start in tqdm(range(0, len(pixels), batch_size), desc="eval", leave=False, disable=not progress):
-            x = dequantize(pixels[start : start + batch_size].to(device), generator, dtype)
-            chunks.append(model.log_prob(x).double().cpu())
+            batch = pixels[start : start + batch_size].to(device)
+            y = None if labels is None else torch.as_tensor(labels[start : start + batch_size]).long().to(device)
+            draws = torch.stack([_draw_log_prob(model, batch, y, generator, dtype).double()
+                                 for _ in range(importance_samples)])  # (K, B)
+            chunks.append((torch.logsumexp(draws, 0) - math.log(importance_samples)).cpu())
     finally:
         if was_training:
             model.train()
@@ -86,12 +107,15 @@ def log_probs(
     return result
 
 
-def bits_per_dim(model, images: np.ndarray | Tensor, batch_size: int = 1000, seed: int = 0, progress: bool = False) -> float:
+def bits_per_dim(model, images: np.ndarray | Tensor, batch_size: int = 1000, seed: int = 0,
+                 importance_samples: int = 1, labels: np.ndarray | Tensor | None = None, progress: bool = False) -> float:
     """Mean bits/dim over ``images`` (uint8, (N, H, W) or (N, C, H, W)) under ``model``.
 
-    Each image is dequantized once, x = (k + u) / 256, and scored as
-    ``8 - log p(x) / (D ln 2)`` with D = C * H * W; a uniform density gives exactly 8.
+    Each image is dequantized, x = (k + u) / 256, and scored as ``8 - L / (D ln 2)`` with
+    D = C * H * W and L the `log_probs` estimate (``log p(x) - log q(u | k)``, or its
+    importance-weighted form); a uniform density gives exactly 8.
     """
-    lp = log_probs(model, images, batch_size=batch_size, seed=seed, progress=progress)
+    lp = log_probs(model, images, batch_size=batch_size, seed=seed, importance_samples=importance_samples,
+                   labels=labels, progress=progress)
     pixels_per_image = math.prod(_as_image_batch(images).shape[1:])
     return nats_to_bits_per_dim(float(lp.mean()), pixels_per_image)

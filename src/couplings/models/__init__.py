@@ -7,7 +7,7 @@ Imports nothing from training, data, the CLI or the report (trainers are named, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from couplings.config import GlowTrainConfig, LatentTrainConfig, PixelTrainConfig, RealNVPTrainConfig, TrainConfig
@@ -74,7 +74,8 @@ class ModelEntry:
     Attributes:
         cls: The model class; ``cls(config)`` builds it.
         config: Its config dataclass (validated, stored in every checkpoint).
-        presets: Named sizes ("paper", "small", ...) as config overrides; the first is the default.
+        presets: Named sizes ("paper", "small", "fast", ...) as overrides of the model's config and,
+            for a recipe that needs them, of its training options; the first is the default.
         train_config: The training options dataclass, with this model's recipe as defaults;
             an option it does not have is refused, never ignored.
         trainer: The module of `couplings.training` that trains it ("pixel" or "latent").
@@ -87,6 +88,13 @@ class ModelEntry:
     train_config: type[TrainConfig] = PixelTrainConfig
     trainer: str = "pixel"
     published: Published | None = None
+
+    def preset(self, size: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A preset split into (model config overrides, training option overrides)."""
+        model_keys = {f.name for f in fields(self.config)}
+        preset = self.presets[size]
+        return ({k: v for k, v in preset.items() if k in model_keys},
+                {k: v for k, v in preset.items() if k not in model_keys})
 
 
 MODELS: dict[str, ModelEntry] = {

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "check_at_least", "with_options"]
+__all__ = ["Flow", "check_at_least", "check_one_of", "with_options"]
 
 C = TypeVar("C")
 
@@ -24,6 +24,13 @@ def check_at_least(config: Any, low: int, *names: str) -> None:
     for name in names:
         if getattr(config, name) < low:
             raise ValueError(f"{name} must be >= {low}, found {getattr(config, name)}")
+
+
+def check_one_of(config: Any, **allowed: tuple[str, ...]) -> None:
+    """A config's ``__post_init__`` check: each named field holds one of its allowed values."""
+    for name, values in allowed.items():
+        if getattr(config, name) not in values:
+            raise ValueError(f"{name} must be one of {', '.join(values)}; found {getattr(config, name)!r}")
 
 
 def at_least_float32(t: Tensor) -> Tensor:
@@ -48,14 +55,22 @@ class Flow(nn.Module):
       is counted. False for `LatentRealNVP`, whose density lives on an embedding.
     * ``conditional``: ``transform``, ``inverse`` and ``sample`` take class labels ``y`` (B,),
       ``num_classes`` of them.
+
+    ``dequantizer`` is None for uniform dequantization, or a learned q(u | k) whose log-density
+    `pixel_log_prob` subtracts.
     """
 
     has_pixel_density: ClassVar[bool] = True
     conditional: bool = False
     num_classes: int = 0
+    dequantizer: nn.Module | None  # q(u | k) (`VariationalDequantizer`); None: uniform noise
     config: Any
     event_shape: tuple[int, ...]
     prior: nn.Module
+
+    def __init__(self):
+        super().__init__()
+        self.dequantizer = None  # an instance attribute: a module assigned later registers as a submodule
 
     @property
     def dim(self) -> int:
@@ -73,6 +88,20 @@ class Flow(nn.Module):
         """Log-density of ``x`` in nats, shape (B,); float32 (or wider) even under bf16 autocast."""
         z, logabsdet = self.transform(x, y)
         return self.prior.log_prob(at_least_float32(z)).sum(-1) + at_least_float32(logabsdet)
+
+    def pixel_log_prob(self, pixels: Tensor, noise: Tensor, y: Tensor | None = None) -> Tensor:
+        """``log p(x) - log q(u | k)`` (nats, (B,)) at ``x = (k + u) / 256`` for 8-bit ``pixels`` k.
+
+        ``noise`` (uniform on [0, 1), the shape of ``pixels``) is u itself for uniform
+        dequantization (q = 1), or the base noise of the model's `dequantizer`. Its mean over
+        images is the dequantization bound that training maximises and that bits/dim reports
+        (`couplings.likelihood`).
+        """
+        k = pixels.to(noise.dtype)
+        if self.dequantizer is None:
+            return self.log_prob((k + noise) / 256, y)
+        u, log_q = self.dequantizer(noise, k)
+        return self.log_prob((k + u) / 256, y) - at_least_float32(log_q)
 
     @torch.inference_mode()
     def sample_with_log_prob(

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from couplings.models.base import with_options
+from couplings.models.base import check_one_of, with_options
+from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
-from couplings.transforms import ActNorm, AffineCoupling2d, Composite, InvConv1x1, LearnedSplitPrior, Shift, Squeeze, Transform
+from couplings.transforms import (
+    ActNorm,
+    AffineCoupling2d,
+    ClassConditionalPrior,
+    Composite,
+    InvConv1x1,
+    LearnedSplitPrior,
+    Shift,
+    Squeeze,
+    Transform,
+)
 
 __all__ = ["GLOW_PRESETS", "Glow", "GlowConfig"]
 
@@ -21,6 +32,11 @@ class GlowConfig:
     hidden: int = 128
     blocks: int = 1
     min_scale: float = 0.3
+    num_classes: int = 0  # > 0: class-conditional, a learned prior of the top latent per class
+    net: str = "resnet"  # the couplings' networks: "resnet" or "gated" (Flow++)
+    scale: str = "sigmoid"  # "sigmoid" (the paper, bounded below by min_scale) or "bounded": c * tanh(h / c)
+    dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
+    dequant_hidden: int = 16  # channels of the variational dequantizer's gated networks
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
@@ -28,6 +44,9 @@ class GlowConfig:
             raise ValueError(f"need levels, steps, hidden >= 1 and blocks >= 0; found {self}")
         if not 0 <= self.min_scale < 1:
             raise ValueError(f"min_scale must be in [0, 1), found {self.min_scale}")
+        if self.num_classes < 0 or self.dequant_hidden < 1:
+            raise ValueError(f"need num_classes >= 0 and dequant_hidden >= 1; found {self.num_classes}, {self.dequant_hidden}")
+        check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"))
         check_image_shape(self.image_shape, self.levels)
 
 
@@ -45,7 +64,10 @@ class Glow(MultiScaleFlow):
     paper's form a trained model contracted pixels by 1e-5 and lost them to float32 rounding
     (reconstruction error 0.04 after 5 epochs; see `AffineCoupling2d`); with 0.1 the error was
     still 3e-4 after an hour, with 0.3 it is 2e-5. ``min_scale=0`` is the paper's form.
-    Built from a `GlowConfig` and/or its fields as keywords.
+    Built from a `GlowConfig` and/or its fields as keywords. With ``num_classes > 0`` it is
+    class-conditional: the top latent has a learned prior per class (`ClassConditionalPrior`),
+    and ``transform``, ``inverse`` and ``sample`` take labels. ``net``, ``scale`` and
+    ``dequantization`` offer the same fast-learning options as `RealNVP`.
 
     References:
         Kingma and Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
@@ -57,8 +79,10 @@ class Glow(MultiScaleFlow):
         hidden, blocks, min_scale = config.hidden, config.blocks, config.min_scale
 
         def step_of_flow(channels: int, seed: int) -> list[Transform]:
+            bound = min_scale if config.scale == "sigmoid" else 0.0
             return [ActNorm(channels), InvConv1x1(channels, seed=seed),
-                    AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale="sigmoid", min_scale=min_scale)]
+                    AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale=config.scale, min_scale=bound,
+                                     net=config.net)]
 
         blocks_per_level, out_shapes, priors = [], [], []
         for level in range(config.levels):
@@ -73,5 +97,10 @@ class Glow(MultiScaleFlow):
                 c //= 2
         out_shapes.append((c, h, w))
         final = blocks_per_level.pop()
+        if config.num_classes:
+            final = Composite([*final.transforms, ClassConditionalPrior(c, config.num_classes)])
         super().__init__(config.image_shape, Shift(-0.5), blocks_per_level, final, out_shapes, priors)
         self.config = config
+        self.conditional, self.num_classes = config.num_classes > 0, config.num_classes
+        if config.dequantization == "variational":
+            self.dequantizer = VariationalDequantizer(config.image_shape[0], hidden=config.dequant_hidden)

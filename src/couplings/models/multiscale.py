@@ -18,7 +18,8 @@ __all__ = ["MultiScaleFlow", "check_image_shape"]
 class MultiScaleFlow(Flow):
     """``preprocess`` -> for each level: its layers, then half the channels factored out
     (standardised by a `LearnedSplitPrior` if given) -> ``final`` layers. The latent ``z`` is
-    every factored-out half and the final tensor, flattened and concatenated: (B, C*H*W).
+    every factored-out half and the final tensor, flattened and concatenated: (B, C*H*W). Every
+    layer is given the context ``y`` (the labels of a class-conditional model; most layers ignore it).
 
     Subclasses build the layers and pass ``out_shapes``: the shape of each factored-out half and,
     last, of the final tensor.
@@ -51,27 +52,27 @@ class MultiScaleFlow(Flow):
         h, logabsdet = self.preprocess(self._image(x))
         outs = []
         for i, level in enumerate(self.levels):
-            h, ld = level(h)
+            h, ld = level(h, y)
             z_out, h = h.chunk(2, dim=1)  # (B, C, H, W) -> factored-out (B, C/2, H, W) and kept half
             if self.split_priors is not None:
                 z_out, ld_prior = self.split_priors[i](z_out, h)
                 ld = ld + ld_prior
             outs.append(z_out.flatten(1))
             logabsdet = logabsdet + ld
-        h, ld = self.final(h)
+        h, ld = self.final(h, y)
         outs.append(h.flatten(1))
         return torch.cat(outs, dim=1), logabsdet + ld
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z = self._flatten(z)
         pieces = z.split([math.prod(s) for s in self.out_shapes], dim=1)
-        h, logabsdet = self.final.inverse(pieces[-1].reshape(len(z), *self.out_shapes[-1]))
+        h, logabsdet = self.final.inverse(pieces[-1].reshape(len(z), *self.out_shapes[-1]), y)
         for i in reversed(range(len(self.levels))):
             z_out = pieces[i].reshape(len(z), *self.out_shapes[i])
             if self.split_priors is not None:
                 z_out, ld = self.split_priors[i].inverse(z_out, h)
                 logabsdet = logabsdet + ld
-            h, ld = self.levels[i].inverse(torch.cat([z_out, h], dim=1))
+            h, ld = self.levels[i].inverse(torch.cat([z_out, h], dim=1), y)
             logabsdet = logabsdet + ld
         x, ld = self.preprocess.inverse(h)
         return x, logabsdet + ld

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from couplings.models.base import with_options
+from couplings.models.base import check_at_least, check_one_of, with_options
+from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
 from couplings.transforms import AffineCoupling2d, BatchNormFlow, Composite, Logit, Squeeze, Transform
 
@@ -21,17 +22,32 @@ class RealNVPConfig:
     blocks: int = 8
     alpha: float = 0.05
     batch_norm: bool = True
+    per_scale: int = 3  # couplings of each mask type per scale (the paper: 3 checkerboard, 3 channel)
+    final: int = 4  # checkerboard couplings of the last scale
+    net: str = "resnet"  # the couplings' networks: "resnet" (the paper) or "gated" (Flow++)
+    scale: str = "tanh"  # "tanh": a * tanh(h) (the paper); "bounded": c * tanh(h / c), learned c
+    dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
+    dequant_hidden: int = 16  # channels of the variational dequantizer's gated networks
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
         if self.scales < 1 or self.hidden < 1 or self.blocks < 0:
             raise ValueError(f"need scales >= 1, hidden >= 1, blocks >= 0; found {self.scales}, {self.hidden}, {self.blocks}")
+        check_at_least(self, 1, "per_scale", "final", "dequant_hidden")
         check_image_shape(self.image_shape, self.scales)
         if not 0 <= self.alpha < 0.5:
             raise ValueError(f"alpha must be in [0, 0.5), found {self.alpha}")
+        check_one_of(self, net=("resnet", "gated"), scale=("tanh", "bounded"), dequantization=("uniform", "variational"))
 
 
-REALNVP_PRESETS = {"mnist": {}, "small": {"hidden": 16, "blocks": 1}}
+# "fast": the best validation bits/dim after minutes of training on one CPU thread that we
+# measured (benchmarks/learning_curve.py, results/curves/); grad_clip is a training option.
+REALNVP_PRESETS = {
+    "mnist": {},
+    "small": {"hidden": 16, "blocks": 1},
+    "fast": {"hidden": 32, "blocks": 1, "alpha": 1e-5, "net": "gated", "scale": "bounded", "batch_norm": False,
+             "per_scale": 2, "dequantization": "variational", "grad_clip": 500.0},
+}
 
 
 class RealNVP(MultiScaleFlow):
@@ -41,6 +57,11 @@ class RealNVP(MultiScaleFlow):
     ``scales=2``: 28 -> 14 -> 7. Couplings use ``a * tanh`` scales (``a`` starts at 0) and a
     weight-normed ResNet; a batch-norm layer with its log-det follows each coupling.
     Built from a `RealNVPConfig` and/or its fields as keywords.
+
+    Beyond the paper, as options: the number of couplings per scale (``per_scale``, ``final``),
+    gated convolutional networks (``net="gated"``), scales that can expand as well as contract
+    (``scale="bounded"``) and variational dequantization (``dequantization="variational"``), the
+    ingredients of Flow++ and of fast-learning small flows.
 
     References:
         Dinh, Sohl-Dickstein and Bengio, "Density estimation using Real NVP", 2017.
@@ -54,17 +75,21 @@ class RealNVP(MultiScaleFlow):
         def couplings(channels: int, mask: str, count: int) -> list[Transform]:
             layers: list[Transform] = []
             for i in range(count):
-                layers.append(AffineCoupling2d(channels, mask, i % 2, hidden, blocks, scale="tanh"))
+                layers.append(AffineCoupling2d(channels, mask, i % 2, hidden, blocks, scale=config.scale, net=config.net))
                 if config.batch_norm:
                     layers.append(BatchNormFlow(channels, spatial=True, momentum=0.05, eps=1e-4))
             return layers
 
         levels, out_shapes = [], []
         for _ in range(config.scales):
-            levels.append(Composite([*couplings(c, "checkerboard", 3), Squeeze(), *couplings(4 * c, "channel", 3)]))
+            levels.append(Composite([*couplings(c, "checkerboard", config.per_scale), Squeeze(),
+                                     *couplings(4 * c, "channel", config.per_scale)]))
             c, h, w = 4 * c, h // 2, w // 2  # after the squeeze
             out_shapes.append((c // 2, h, w))
             c //= 2  # half factored out
         out_shapes.append((c, h, w))
-        super().__init__(config.image_shape, Logit(config.alpha), levels, Composite(couplings(c, "checkerboard", 4)), out_shapes)
+        super().__init__(config.image_shape, Logit(config.alpha), levels,
+                         Composite(couplings(c, "checkerboard", config.final)), out_shapes)
         self.config = config
+        if config.dequantization == "variational":
+            self.dequantizer = VariationalDequantizer(config.image_shape[0], hidden=config.dequant_hidden)

@@ -119,7 +119,8 @@ def summarize_run(
         _log(f"{run}: test bits/dim under {draws} dequantization draws")
         result["bits_per_dim_draws"] = [
             result["bits_per_dim"] if seed == 0 else
-            nats_to_bits_per_dim(float(log_probs(model, images, seed=seed).mean()), result["dimensions"])
+            nats_to_bits_per_dim(float(log_probs(model, images, seed=seed, labels=labels if model.conditional else None)
+                                       .mean()), result["dimensions"])
             for seed in range(draws)
         ]
     run_dir.update_eval("test", result)
@@ -136,7 +137,7 @@ def summarize_run(
     summary = RunSummary(run.name, run, config, run_dir.read_metrics(), result, timing)
     summary.figures = sample_figures(model, summary, images, out, index, device)
     other = ood_dataset or OOD_COUNTERPART.get(result["dataset"])
-    if summary.has_pixel_density and other:
+    if summary.has_pixel_density and other and not model.conditional:  # p(x | y) needs labels the other set lacks
         summary.ood = _ood_bits_per_dim(model, result["dataset"], other, ood_images)
     return summary
 

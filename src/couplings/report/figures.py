@@ -77,7 +77,7 @@ def sample_figures(model, run: RunSummary, images, out: Path, index: int, device
         generator = torch.Generator(device=device).manual_seed(0)
         rows.append(model.sample(per_row, sample_labels(model, per_row), temperature=t, generator=generator))
     figures = {"samples": save_grid(torch.cat(rows).float().cpu(), out / f"samples-{index}-{run.name}.png", nrow=per_row)}
-    if run.has_pixel_density:
+    if run.has_pixel_density and not model.conditional:
         generator = torch.Generator(device=device).manual_seed(0)
         x = dequantize(torch.as_tensor(images[:4]).unsqueeze(1).to(device), generator, model.prior.dtype)
         strip = interpolate(model, x[:2], x[2:4], steps=per_row)

@@ -20,7 +20,7 @@ from couplings.config import ConfigError, TrainConfig
 from couplings.rundir import RunDir
 from couplings.training.errors import StoppedBySignal
 from couplings.training.faults import FaultCounter, locate_fault, rng_states
-from couplings.training.optim import optimizer_step, warmup_factor
+from couplings.training.optim import EMA, lr_factor, optimizer_step
 
 __all__ = ["Budget", "Console", "Context", "EpochPass", "start_pass", "train_pass"]
 
@@ -174,7 +174,8 @@ Objective = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.
 
 
 def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, objective: Objective, *,
-               step: int, desc: str, postfix: Callable[[float], str], fields: Callable[[int], dict]) -> int:
+               step: int, desc: str, postfix: Callable[[float], str], fields: Callable[[int], dict],
+               ema: EMA | None = None) -> int:
     """Trains on the rest of pass ``this`` until it ends or the budget is spent; returns the step.
 
     Args:
@@ -183,6 +184,7 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
         postfix: Mean loss so far -> the text beside the progress bar.
         fields: ``step -> dict`` of the trainer's checkpoint fields, for the checkpoints written
             every ``checkpoint_every`` steps inside the pass.
+        ema: Polyak averages to update after every step that was taken.
 
     Raises:
         NumericalFault: ``max_bad_steps`` steps in a row were skipped as non-finite.
@@ -192,11 +194,13 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
         while not this.complete and not ctx.budget.spent(step):
             idx = this.batches[this.next]
             loss, total = objective(idx, this.generator)
-            lr_factor = warmup_factor(step, cfg.warmup_steps) * ctx.faults.lr_scale
-            good = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=lr_factor)
+            factor = lr_factor(cfg, step, len(this.batches)) * ctx.faults.lr_scale
+            good = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
             step, this.next = step + 1, this.next + 1
             bar.update()
             if good:
+                if ema is not None:
+                    ema.update(ctx.model)
                 this.total, this.seen = this.total + loss.item() * len(idx), this.seen + len(idx)
             else:
                 this.skipped += 1

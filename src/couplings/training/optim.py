@@ -1,12 +1,18 @@
-"""The optimizer: Adam with a choice of kernel, and one guarded optimizer step."""
+"""The optimizer: Adam with a choice of kernel, the learning-rate schedule, one guarded optimizer
+step, and Polyak (EMA) averages of the weights."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
-__all__ = ["ADAM_KERNELS", "make_adam", "optimizer_step", "warmup_factor"]
+from couplings.config import TrainConfig
+
+__all__ = ["ADAM_KERNELS", "EMA", "lr_factor", "make_adam", "optimizer_step", "warmup_factor"]
 
 # The ``adam`` option's explicit choices -> torch.optim.Adam keyword arguments.
 ADAM_KERNELS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -31,6 +37,59 @@ def make_adam(
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """The linear learning-rate warm-up: (step + 1) / warmup_steps, at most 1."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate at ``step`` as a multiple of ``lr``: the warm-up, then the schedule
+    (constant; ``lr_decay`` per epoch; or a cosine from 1 to 0 over ``schedule_steps``, by
+    default all ``epochs``), counted from the end of the warm-up."""
+    after = max(0, step - cfg.warmup_steps)
+    if cfg.lr_schedule == "exponential":
+        decay = cfg.lr_decay ** (after / steps_per_epoch)
+    elif cfg.lr_schedule == "cosine":
+        total = cfg.schedule_steps or cfg.epochs * steps_per_epoch
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, after / total)))
+    else:
+        decay = 1.0
+    return warmup_factor(step, cfg.warmup_steps) * decay
+
+
+class EMA:
+    """Polyak averages of a model's floating-point state, ``shadow <- decay * shadow + (1 - decay) * w``
+    after every step; other state (counters, flags) is copied.
+
+    References:
+        Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", 1992.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.shadow[key].lerp_(value, 1 - self.decay)
+            else:
+                self.shadow[key].copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.shadow[key].copy_(value)
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """The model holds the averaged weights inside the block, its own ones again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_state_dict(own)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, objective: torch.Tensor, *, grad_clip: float | None,

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 
 from couplings.config import PixelTrainConfig
-from couplings.likelihood import bits_per_dim, dequantize, nats_to_bits_per_dim
+from couplings.likelihood import bits_per_dim, nats_to_bits_per_dim
+from couplings.sampling import sample_labels
 from couplings.training.loop import Context, start_pass, train_pass
-from couplings.training.optim import make_adam
+from couplings.training.optim import EMA, make_adam
 
-__all__ = ["fit", "training_nll"]
+__all__ = ["fit", "pixel_objective", "training_nll"]
 
 
 def fit(ctx: Context) -> None:
@@ -21,39 +23,43 @@ def fit(ctx: Context) -> None:
 
     A checkpoint's ``epoch`` counts completed epochs; one that stopped inside an epoch also
     holds that pass's position, and the next start continues it from the next batch. A stopped
-    epoch is validated, logged and checkpointed like a full one.
+    epoch is validated, logged and checkpointed like a full one. With ``ema_decay``, the Polyak
+    averages of the weights are validated, sampled and stored beside the weights (``ema_state``;
+    `couplings.checkpoint.load_model` loads them).
     """
     model, cfg, state = ctx.model, ctx.cfg, ctx.state or {}
     optimizer = make_adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                           weight_decay=cfg.weight_decay, kernel=cfg.adam)
     if "optimizer_state" in state:
         optimizer.load_state_dict(state["optimizer_state"])
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None and "ema_state" in state:
+        ema.load_state_dict(state["ema_state"])
     epoch, step, best = state.get("epoch", 0), state.get("step", 0), state.get("best_val_bpd", math.inf)
-    # Weight-norm scales ("g"), the only weights Real NVP's L2 penalty applies to.
-    wn_scales = [p for name, p in model.named_parameters() if name.endswith("parametrizations.weight.original0")]
-    wn_scales = wn_scales if cfg.wn_l2 > 0 else []
     pixels = torch.as_tensor(ctx.train_data[0]).unsqueeze(1).to(ctx.device)  # (N, H, W) -> (N, 1, H, W)
+    labels = torch.as_tensor(ctx.train_data[1]).long().to(ctx.device) if model.conditional else None
+    val_labels = ctx.val_data[1] if model.conditional else None
     dim = math.prod(pixels.shape[1:])
-    nll = training_nll(model, cfg, ctx.device)
-
-    def objective(idx, generator):
-        loss = nll(dequantize(pixels[idx], generator))
-        penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
-        return loss, loss + penalty
+    objective = pixel_objective(model, cfg, pixels, ctx.device, labels)
 
     def fields(step):
-        return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "step": step, "best_val_bpd": best}
+        averaged = {} if ema is None else {"ema_state": ema.state_dict()}
+        return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "step": step, "best_val_bpd": best, **averaged}
 
     while epoch < cfg.epochs and not ctx.budget.spent(step):
         model.train()
         this = start_pass(len(pixels), epoch + 1, cfg, ctx.device, ctx.state)
         seen_before, started = this.seen, time.perf_counter()
         step = train_pass(ctx, optimizer, this, objective, step=step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                          postfix=lambda nll: f"bpd={nats_to_bits_per_dim(-nll, dim):.3f}", fields=fields)
+                          postfix=lambda nll: f"bpd={nats_to_bits_per_dim(-nll, dim):.3f}", fields=fields, ema=ema)
         seconds, seen = time.perf_counter() - started, this.seen - seen_before
         epoch += this.complete
         train_bpd = nats_to_bits_per_dim(-this.mean_loss(), dim)
-        val_bpd = bits_per_dim(model, ctx.val_data[0], batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        model.eval()
+        with ema.applied(model) if ema is not None else nullcontext():
+            val_bpd = bits_per_dim(model, ctx.val_data[0], batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                   labels=val_labels)
+            samples = model.sample(cfg.samples_per_epoch, sample_labels(model, cfg.samples_per_epoch))
         improved = val_bpd < best
         best = min(best, val_bpd)
         ctx.log({
@@ -69,8 +75,7 @@ def fit(ctx: Context) -> None:
             "rollbacks": ctx.faults.rollbacks,
             "lr_scale": ctx.faults.lr_scale,
         })
-        model.eval()
-        ctx.run_dir.save_samples(model.sample(cfg.samples_per_epoch), this.index)
+        ctx.run_dir.save_samples(samples, this.index)
         ctx.checkpoint({**fields(step), **({} if this.complete else this.position())}, best=improved)
         ctx.console.say(
             f"epoch {this.index}: train {train_bpd:.4f} bpd, val {val_bpd:.4f} bpd{' (best)' if improved else ''}, "
@@ -81,21 +86,42 @@ def fit(ctx: Context) -> None:
             break
 
 
+def pixel_objective(model, cfg: PixelTrainConfig, pixels: torch.Tensor, device: torch.device,
+                    labels: torch.Tensor | None = None):
+    """The objective of `couplings.training.loop.train_pass` for 8-bit ``pixels`` (N, C, H, W)
+    (and their ``labels``, for a class-conditional model): ``(batch indices, generator) -> (loss,
+    loss + penalty)``, the loss the negative dequantization bound of the batch (noise drawn from
+    the pass's generator), the penalty Real NVP's L2 on the weight-norm scales."""
+    # Weight-norm scales ("g"), the only weights Real NVP's L2 penalty applies to.
+    wn_scales = [p for name, p in model.named_parameters() if name.endswith("parametrizations.weight.original0")]
+    wn_scales = wn_scales if cfg.wn_l2 > 0 else []
+    nll = training_nll(model, cfg, device)
+
+    def objective(idx, generator):
+        batch = pixels[idx]
+        noise = torch.rand(batch.shape, generator=generator, device=batch.device)  # the dequantization's
+        loss = nll(batch, noise, None if labels is None else labels[idx])
+        penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
+        return loss, loss + penalty
+    return objective
+
+
 def training_nll(model, cfg: PixelTrainConfig, device: torch.device):
-    """``x -> -mean log p(x)`` over a batch of dequantized images, with the run's fast paths:
+    """``(pixels, noise, labels=None) -> -mean (log p(x) - log q(u | k))`` over a batch of 8-bit
+    images and their dequantization noise (`couplings.models.Flow.pixel_log_prob`), with the run's fast paths:
     channels-last inputs (and model), bf16 autocast (the loss comes back float32), torch.compile.
     """
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    def nll(x):
-        return -model.log_prob(x).mean()
+    def nll(pixels, noise, y):
+        return -model.pixel_log_prob(pixels, noise, y).mean()
 
     compiled = torch.compile(nll) if cfg.compile else nll
 
-    def loss(x):
+    def loss(pixels, noise, y=None):
         if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            pixels, noise = (t.contiguous(memory_format=torch.channels_last) for t in (pixels, noise))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return compiled(x).float()
+            return compiled(pixels, noise, y).float()
     return loss

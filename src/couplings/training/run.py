@@ -98,13 +98,14 @@ def plan_run(
 
 def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict) -> RunPlan:
     entry = MODELS[model_name]
-    cfg = apply_overrides(entry.train_config(), train_overrides)
     if not run_dir.is_empty():
         raise TrainingError(f"{run_dir.path} already exists and is not empty; pass --resume to continue it or choose another --out")
     size = size or next(iter(entry.presets))  # the first preset is the paper's size
     if size not in entry.presets:
         raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
-    model_config = asdict(apply_overrides(entry.config(), {**entry.presets[size], **model_overrides}))
+    preset_model, preset_train = entry.preset(size)
+    cfg = apply_overrides(entry.train_config(), {**preset_train, **train_overrides})  # what is given wins
+    model_config = asdict(apply_overrides(entry.config(), {**preset_model, **model_overrides}))
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     return RunPlan(model_name, size, model_config, cfg, run_dir, None, build_model(model_name, model_config))
 

@@ -5,11 +5,11 @@ One file per kind of layer: ``coupling`` (additive and affine couplings), ``norm
 ``elementwise`` (logit, shift), ``reshape`` (squeeze) and ``multiscale`` (split priors).
 """
 
-from couplings.transforms.base import Composite, Transform
+from couplings.transforms.base import Composite, Inverse, Transform
 from couplings.transforms.coupling import AdditiveCoupling, AffineCoupling, AffineCoupling2d, checkerboard
 from couplings.transforms.elementwise import Logit, Shift
 from couplings.transforms.linear import DiagonalScaling, InvConv1x1, Permutation
-from couplings.transforms.multiscale import LearnedSplitPrior
+from couplings.transforms.multiscale import ClassConditionalPrior, LearnedSplitPrior
 from couplings.transforms.normalization import ActNorm, BatchNormFlow
 from couplings.transforms.reshape import Squeeze
 
@@ -19,9 +19,11 @@ __all__ = [
     "AffineCoupling",
     "AffineCoupling2d",
     "BatchNormFlow",
+    "ClassConditionalPrior",
     "Composite",
     "DiagonalScaling",
     "InvConv1x1",
+    "Inverse",
     "LearnedSplitPrior",
     "Logit",
     "Permutation",

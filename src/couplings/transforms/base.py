@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-__all__ = ["Composite", "Transform", "per_sample_sum"]
+__all__ = ["Composite", "Inverse", "Transform", "per_sample_sum"]
 
 
 class Transform(nn.Module):
@@ -51,6 +51,21 @@ class Composite(Transform):
             z, ld = t.inverse(z, y)
             logabsdet = logabsdet + ld
         return z, logabsdet
+
+
+class Inverse(Transform):
+    """A transform run backwards: ``Inverse(t).forward`` is ``t.inverse`` and vice versa
+    (e.g. a sigmoid as the inverse of `couplings.transforms.Logit`)."""
+
+    def __init__(self, transform: Transform):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(x, y)
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform(z, y)
 
 
 def per_sample_sum(x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from couplings.nn import ResNet, mlp
+from couplings.nn import coupling_net, mlp
 from couplings.transforms.base import Transform, per_sample_sum
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "AffineCoupling2d", "checkerboard"]
@@ -101,57 +101,77 @@ def checkerboard(height: int, width: int, parity: int = 0) -> Tensor:
 class AffineCoupling2d(Transform):
     """Affine coupling on images with a checkerboard or a channel mask.
 
-    The masked-in part ``x_a`` passes through and a ResNet of it gives ``(h, t)``; the rest
-    becomes ``x_b * scale + t``. ``scale="tanh"`` (Real NVP) uses ``log scale = a * tanh(h)``
-    with a learned per-channel factor ``a`` initialised at 0; ``scale="sigmoid"`` (Glow) uses
-    ``scale = sigmoid(h + 2)`` and, as the official Glow code does, shifts before it scales:
-    ``(x_b + t) * scale``. That order keeps the inverse exact in float32 when a trained
-    coupling contracts hard (scale ~1e-5 next to shifts ~10): ``x_b * scale + t`` would round
-    ``x_b * scale`` away against ``t``. The ResNet's last convolution starts at zero.
+    The masked-in part ``x_a`` passes through and a network of it gives ``(h, t)``; the rest is
+    scaled and shifted. Three forms of the scale:
 
-    ``min_scale`` (sigmoid only) bounds the scale below: ``min_scale + (1 - min_scale) *
-    sigmoid(h + 2)``. With 0 (the paper's form) a trained Glow can contract a pixel by 1e-5, and
-    the float32 rounding of the layers after it then costs the inverse up to 1e-5 / 1e-5 ~ 1:
-    the map is invertible on paper but not in float32. A bound caps that amplification per layer.
+    * ``scale="tanh"`` (Real NVP): ``x_b * exp(s) + t`` with ``s = a * tanh(h)`` and a learned
+      per-channel factor ``a`` initialised at 0.
+    * ``scale="sigmoid"`` (Glow): ``(x_b + t) * scale`` with ``scale = sigmoid(h + 2)``, which can
+      only contract. As the official Glow code does, it shifts before it scales: that order keeps
+      the inverse exact in float32 when a trained coupling contracts hard (scale ~1e-5 next to
+      shifts ~10), where ``x_b * scale + t`` would round ``x_b * scale`` away against ``t``.
+      ``min_scale`` bounds it below: ``min_scale + (1 - min_scale) * sigmoid(h + 2)``; with 0 (the
+      paper's form) a trained Glow can contract a pixel so hard that the float32 rounding of the
+      layers after it is amplified past 1e-4 by the inverse.
+    * ``scale="bounded"``: ``(x_b + t) * exp(s)`` with ``s = c * tanh(h / c)``, ``c = exp(f)`` a
+      learned per-channel bound (``f`` starts at 0): a soft clamp, so the coupling can expand as
+      well as contract, never by more than ``exp(c)``.
+
+    The network's last convolution starts at zero, so every form starts as the identity (Glow's
+    as a fixed contraction by sigmoid(2)).
 
     Args:
         channels: Input channels C.
         mask: "checkerboard" (spatial, all channels) or "channel" (first or second half of C).
         parity: Which half is masked in (0 or 1); alternate it between layers.
-        hidden: Channels of the ResNet; blocks: its residual blocks.
+        hidden: Channels of the network; blocks: its residual (or gated) blocks.
+        net: "resnet" (Real NVP's weight-normed ResNet) or "gated" (`couplings.nn.GatedConvNet`).
+        context_channels: Channels of an image-shaped context ``y`` (B, K, H, W) that the network
+            also sees (e.g. the image a dequantization noise is conditioned on); 0 for none.
 
     References:
-        Dinh et al., Real NVP, 2017; Kingma and Dhariwal, Glow, 2018.
+        Dinh et al., Real NVP, 2017; Kingma and Dhariwal, Glow, 2018; Ho et al., Flow++, 2019.
     """
 
     def __init__(self, channels: int, mask: str, parity: int, hidden: int, blocks: int, scale: str = "tanh",
-                 min_scale: float = 0.0):
+                 min_scale: float = 0.0, *, net: str = "resnet", context_channels: int = 0):
         super().__init__()
         if not 0 <= min_scale < 1 or (min_scale and scale != "sigmoid"):
             raise ValueError(f"min_scale must be in [0, 1), and only with scale='sigmoid'; found {min_scale}")
         self.min_scale = min_scale
         if mask not in ("checkerboard", "channel"):
             raise ValueError(f"mask must be 'checkerboard' or 'channel', found {mask!r}")
-        if scale not in ("tanh", "sigmoid"):
-            raise ValueError(f"scale must be 'tanh' or 'sigmoid', found {scale!r}")
+        if scale not in ("tanh", "sigmoid", "bounded"):
+            raise ValueError(f"scale must be 'tanh', 'sigmoid' or 'bounded', found {scale!r}")
         if mask == "channel" and channels % 2:
             raise ValueError(f"a channel mask needs an even number of channels, found {channels}")
-        self.mask, self.parity, self.scale = mask, parity, scale
-        if mask == "checkerboard":
-            self.net = ResNet(channels + 1, 2 * channels, hidden, blocks)  # +1: the mask itself as input
-            n_out = channels
+        self.mask, self.parity, self.scale, self.context_channels = mask, parity, scale, context_channels
+        if mask == "checkerboard":  # +1: the mask itself as input
+            n_in, n_out = channels + 1, channels
         else:
-            self.net = ResNet(channels // 2, channels, hidden, blocks)
-            n_out = channels // 2
+            n_in, n_out = channels // 2, channels // 2
+        self.net = coupling_net(net, n_in + context_channels, 2 * n_out, hidden, blocks)
+        # a in a * tanh(h), or f in c = exp(f): one per output channel, starting at 0
         self.tanh_factor = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "tanh" else None
+        self.log_bound = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "bounded" else None
         self._masks: dict = {}  # checkerboard masks by (H, W, dtype, device): no state, rebuilt on demand
 
-    def _scale_shift(self, x_a: Tensor, m_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(log scale, scale, shift) of the masked-out part, from the masked-in part ``x_a``; with a
-        checkerboard's ``m_out`` (1 on the masked-out pixels), log scale and shift are 0 elsewhere."""
+    def _scale_shift(self, x_a: Tensor, y: Tensor | None, m_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log scale, scale, shift) of the masked-out part, from the masked-in part ``x_a`` (and
+        the context ``y``); with a checkerboard's ``m_out`` (1 on the masked-out pixels), log scale
+        and shift are 0 elsewhere."""
+        if self.context_channels:
+            if y is None or y.shape[1] != self.context_channels or y.shape[2:] != x_a.shape[2:]:
+                found = None if y is None else tuple(y.shape)
+                raise ValueError(f"expected a context of shape (B, {self.context_channels}, "
+                                 f"{x_a.shape[2]}, {x_a.shape[3]}), found {found}")
+            x_a = torch.cat([x_a, y.to(x_a.dtype)], dim=1)
         h, t = self.net(x_a).chunk(2, dim=1)
         if self.scale == "tanh":
             log_s, scale = self.tanh_factor * torch.tanh(h), None
+        elif self.scale == "bounded":
+            bound = self.log_bound.exp()
+            log_s, scale = bound * torch.tanh(h / bound), None
         elif self.min_scale:
             # lerp(min_scale, 1, sigmoid(h + 2)) written out, one multiply-add instead of two
             # constant tensors and a lerp; and x_b is scaled by it, not by exp(log(scale)).
@@ -163,23 +183,25 @@ class AffineCoupling2d(Transform):
             log_s, t, scale = log_s * m_out, t * m_out, None
         return log_s, log_s.exp() if scale is None else scale, t
 
-    def _couple(self, x: Tensor, direction: int) -> tuple[Tensor, Tensor]:
-        """direction +1: x_b -> x_b * scale + t; -1: the inverse. The masked-in part is the same
-        before and after, so both directions compute the same (log scale, shift)."""
+    def _couple(self, x: Tensor, y: Tensor | None, direction: int) -> tuple[Tensor, Tensor]:
+        """direction +1: x_b -> x_b * scale + t (or (x_b + t) * scale); -1: the inverse. The
+        masked-in part is the same before and after, so both directions compute the same (log
+        scale, shift)."""
         if self.mask == "checkerboard":
             m, m_out = self._checkerboard(x)
-            log_s, scale, t = self._scale_shift(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1), m_out)
+            log_s, scale, t = self._scale_shift(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1), y, m_out)
             return self._affine(x, scale, t, direction), self._log_det(log_s, direction)
         a, b = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
         if self.parity:
             a, b = b, a
-        log_s, scale, t = self._scale_shift(a)
+        log_s, scale, t = self._scale_shift(a, y)
         b = self._affine(b, scale, t, direction)
         return torch.cat([b, a] if self.parity else [a, b], 1), self._log_det(log_s, direction)
 
     def _checkerboard(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The (1, 1, H, W) mask of x's size, dtype and device and its complement, built once."""
-        key = (x.shape[2], x.shape[3], x.dtype, x.device)
+        """The (1, 1, H, W) mask of x's size, dtype and device and its complement, built once (and
+        once more under inference mode, whose tensors autograd may not save)."""
+        key = (x.shape[2], x.shape[3], x.dtype, x.device, torch.is_inference_mode_enabled())
         if key not in self._masks:
             m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
             self._masks[key] = (m, 1 - m)
@@ -191,13 +213,12 @@ class AffineCoupling2d(Transform):
         return ld if direction > 0 else -ld
 
     def _affine(self, x: Tensor, scale: Tensor, t: Tensor, direction: int) -> Tensor:
-        if self.scale == "sigmoid":  # Glow: shift, then scale
+        if self.scale != "tanh":  # Glow's order: shift, then scale
             return (x + t) * scale if direction > 0 else x / scale - t
         return torch.addcmul(t, x, scale) if direction > 0 else (x - t) / scale
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._couple(x, +1)
+        return self._couple(x, y, +1)
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._couple(z, -1)
-
+        return self._couple(z, y, -1)

@@ -1,4 +1,5 @@
-"""Priors of the halves a multi-scale flow factors out (Glow's learned split priors)."""
+"""Learned priors inside a multi-scale flow: Glow's split priors for the factored-out halves, and
+its class-conditional prior of the top latent."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from torch import Tensor, nn
 
 from couplings.transforms.base import Transform
 
-__all__ = ["LearnedSplitPrior"]
+__all__ = ["ClassConditionalPrior", "LearnedSplitPrior"]
 
 
 class LearnedSplitPrior(Transform):
@@ -33,3 +34,38 @@ class LearnedSplitPrior(Transform):
         mu, log_sigma = self.conv(y).chunk(2, dim=1)
         return z * log_sigma.exp() + mu, log_sigma.flatten(1).sum(1)
 
+
+class ClassConditionalPrior(Transform):
+    """Glow's class-conditional prior of the top latent: ``h ~ N(mu(y), sigma(y)^2)`` per channel,
+    from a zero-initialised embedding of the label ``y`` (B,), so training starts from the
+    standard normal.
+
+    Applied, like `LearnedSplitPrior`, as the standardising map ``(h - mu) / sigma`` with log-det
+    ``-H W sum(log sigma)``, so the model's prior stays a standard normal and sampling a class
+    is sampling the prior and inverting with its label.
+
+    References:
+        Kingma and Dhariwal, Glow, 2018, section 5 (class-conditional priors).
+    """
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes, 2 * channels)
+        nn.init.zeros_(self.embedding.weight)
+
+    def _stats(self, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if y is None or y.shape != (x.shape[0],) or y.min() < 0 or y.max() >= self.num_classes:
+            found = None if y is None else y.tolist()
+            raise ValueError(f"this flow is class-conditional: expected labels of shape ({x.shape[0]},) "
+                             f"in 0..{self.num_classes - 1}, found {found}")
+        mu, log_sigma = self.embedding(y.long()).to(x.dtype)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        return mu, log_sigma, x.shape[2] * x.shape[3] * log_sigma.flatten(1).sum(1)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mu, log_sigma, ld = self._stats(y, x)
+        return (x - mu) * (-log_sigma).exp(), -ld
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mu, log_sigma, ld = self._stats(y, z)
+        return z * log_sigma.exp() + mu, ld
