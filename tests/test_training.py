@@ -128,10 +128,12 @@ def test_ema_averages_floating_state_and_swaps_it_in_and_out():
     ema = EMA(model, decay=0.75)
     with torch.no_grad():
         model.weight.fill_(3.0)
-    ema.update(model)
+    ema.update(model, step=1000)
     torch.testing.assert_close(ema.state_dict()["weight"], torch.full((1, 2), 1.5))  # 0.75 * 1 + 0.25 * 3
+    ema.update(model, step=0)  # early: decay (1 + 0) / (10 + 0) = 0.1, not 0.75
+    torch.testing.assert_close(ema.state_dict()["weight"], torch.full((1, 2), 0.1 * 1.5 + 0.9 * 3))
     with ema.applied(model):
-        assert torch.equal(model.weight, torch.full((1, 2), 1.5))
+        assert torch.equal(model.weight, ema.state_dict()["weight"])
     assert torch.equal(model.weight, torch.full((1, 2), 3.0))
 
 

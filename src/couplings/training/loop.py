@@ -200,7 +200,7 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
             bar.update()
             if good:
                 if ema is not None:
-                    ema.update(ctx.model)
+                    ema.update(ctx.model, step)
                 this.total, this.seen = this.total + loss.item() * len(idx), this.seen + len(idx)
             else:
                 this.skipped += 1
