@@ -255,7 +255,7 @@ def _bad_checkpoints(trained: Path, directory: Path) -> dict[str, Path]:
 
 CHECKPOINT_MESSAGES = {
     "random-bytes": "is not a readable couplings checkpoint",
-    "truncated": "is not a readable couplings checkpoint",
+    "truncated": "is damaged: ",
     "newer-format": "is newer than this couplings understands",
     "missing-keys": "missing keys ['model_config', 'model_state']; expected a couplings checkpoint",
     "unknown-model": "unknown model 'maf'; expected one of",
@@ -279,7 +279,11 @@ def test_bad_checkpoints_are_refused_by_eval_and_sample(trained, tiny_dataset, t
 
 @pytest.mark.parametrize("case", ["random-bytes", "truncated", "newer-format", "another-model-config", "code"])
 def test_resume_refuses_a_bad_last_checkpoint_and_changes_nothing(trained, tiny_dataset, run_copy, capsys, case):
-    shutil.copy(_bad_checkpoints(trained, run_copy.parent)[case], run_copy / "last.pt")
+    # Every checkpoint of the run is bad: with an intact one, --resume takes it (test_write_faults.py).
+    bad = _bad_checkpoints(trained, run_copy.parent)[case]
+    for name in ("last.pt", "previous.pt", "best.pt"):
+        (run_copy / name).unlink(missing_ok=True)
+        shutil.copy(bad, run_copy / name)
     before = _tree(run_copy)
     _fails(capsys, ["train", "nice", "--out", str(run_copy), "--resume", "--quiet", "--max-steps", "4"], 1,
            CHECKPOINT_MESSAGES[case])

@@ -76,8 +76,9 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(tiny_dataset, tmp_path, m
 
     monkeypatch.setattr(checkpoint, "save", record)
     assert _train(tmp_path / "run", "--epochs", "2", "--checkpoint-every", "4") == 0
-    last = [(step, position) for name, step, position in written if name == "last.pt"]
-    assert last == [(0, None), (4, 4), (6, None), (8, 2), (12, None)]
+    # A checkpoint that is the best so far is written as best.pt and then linked as last.pt.
+    newest = [(step, position) for name, step, position in written if name in ("last.pt", "best.pt")]
+    assert newest == [(0, None), (4, 4), (6, None), (8, 2), (12, None)]
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(tiny_dataset, tmp_path):

@@ -37,7 +37,8 @@ def test_checkpoints_metrics_and_eval(tmp_path):
     payload = {"model": "nice", "model_config": {}, "model_state": {"w": torch.ones(2)}}
     run.save_checkpoint({**payload, "step": 1}, best=True)
     run.save_checkpoint({**payload, "step": 2}, best=False)
-    assert run.load_last()["step"] == 2 and checkpoint.load(run.best)["step"] == 1
+    assert checkpoint.load(run.last)["step"] == 2 and checkpoint.load(run.best)["step"] == 1
+    assert checkpoint.load(run.previous)["step"] == 1 and run.checkpoints() == [run.last, run.previous, run.best]
     for step in (1, 2, 3):
         run.append_metrics({"epoch": step, "step": 10 * step})
     run.forget_metrics_after(20)
@@ -45,7 +46,7 @@ def test_checkpoints_metrics_and_eval(tmp_path):
     run.update_eval("test", {"bits_per_dim": 2.0})
     run.update_eval("val", {"bits_per_dim": 2.1})
     assert json.loads((tmp_path / "eval.json").read_text()) == {"test": {"bits_per_dim": 2.0}, "val": {"bits_per_dim": 2.1}}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "eval.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "eval.json", "last.pt", "metrics.jsonl", "previous.pt"]
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

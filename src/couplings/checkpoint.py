@@ -3,6 +3,8 @@ models, and the pretrained models shipped inside the package."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from importlib import resources
 from pathlib import Path
@@ -23,16 +25,21 @@ __all__ = [
     "pretrained_path",
     "resolve",
     "save",
+    "verified_archive",
 ]
 
 # The committed pretrained models are package data, so an installed wheel has them too
 # ($COUPLINGS_PRETRAINED points elsewhere).
 PRETRAINED = resources.files("couplings") / "pretrained"
-# A run directory's checkpoints (`couplings.rundir.RunDir`): the best by validation, and the newest.
-BEST, LAST = "best.pt", "last.pt"
+# A run directory's checkpoints (`couplings.rundir.RunDir`): the best by validation, the newest,
+# and the one before the newest.
+BEST, LAST, PREVIOUS = "best.pt", "last.pt", "previous.pt"
 
 # 2: every RNG state ("rng") and the position inside an interrupted epoch ("pass").
-FORMAT_VERSION = 2
+# 3: a header line with the SHA-256 and length of the torch archive after it, checked before
+#    unpickling (files of formats 1 and 2, such as older pretrained models, still load).
+FORMAT_VERSION = 3
+HEADER = b"couplings-checkpoint"
 REQUIRED_KEYS = ("format_version", "model", "model_config", "model_state")
 
 
@@ -41,8 +48,39 @@ class CheckpointError(RuntimeError):
 
 
 def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Writes ``payload`` with the format version (`couplings.files.atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f))
+    """Writes ``payload`` with the format version, behind a header line that holds the archive's
+    SHA-256 and length (`couplings.files.atomic_write`)."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    archive = buffer.getvalue()
+    digest = hashlib.sha256(archive).hexdigest()
+    return atomic_write(path, HEADER + f" sha256={digest} bytes={len(archive)}\n".encode() + archive)
+
+
+def verified_archive(path: Path) -> bytes | Path:
+    """The torch archive of a checkpoint file after its checksum is checked (format 3), or the
+    path itself for an older file without a header.
+
+    Raises:
+        CheckpointError: The file is unreadable, shorter or longer than its header says, or its
+            bytes do not match the checksum (a torn copy, bit rot).
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(HEADER)) != HEADER:
+                return path
+            header = f.readline().decode("ascii", "replace").split()
+            archive = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    fields = dict(item.partition("=")[::2] for item in header)
+    if "sha256" not in fields or not fields.get("bytes", "").isdigit():
+        raise CheckpointError(f"{path} is damaged: its header is unreadable")
+    if len(archive) != int(fields["bytes"]):
+        raise CheckpointError(f"{path} is damaged: {len(archive)} bytes after the header, expected {fields['bytes']}")
+    if hashlib.sha256(archive).hexdigest() != fields["sha256"]:
+        raise CheckpointError(f"{path} is damaged: its bytes do not match the SHA-256 stored with it")
+    return archive
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -61,8 +99,10 @@ def resolve(path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Loads a checkpoint with ``weights_only=True`` (no code in a pickle ever runs) and checks it."""
     path = resolve(path)
+    archive = verified_archive(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(archive) if isinstance(archive, bytes) else archive
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on foreign bytes (struct.error, EOFError, ...)
         raise CheckpointError(f"{path} is not a readable couplings checkpoint: {_load_failure(e)}") from None
     if not isinstance(payload, dict):

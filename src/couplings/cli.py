@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -347,7 +348,12 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line  # one plain line, like the errors
     parser = _build_parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,

@@ -3,22 +3,27 @@
 A run directory holds:
 
 - ``config.json``: the run's model, size, model config, training options and hardware;
-- ``last.pt`` and ``best.pt``: the newest checkpoint and the one with the best validation score
-  (`couplings.checkpoint` owns their file format);
-- ``metrics.jsonl``: one JSON line per (possibly partial) epoch;
+- ``last.pt``, ``previous.pt`` and ``best.pt``: the newest checkpoint, the one before it, and
+  the one with the best validation score (`couplings.checkpoint` owns their file format, which
+  carries a checksum); a resume takes the newest of them that loads and verifies;
+- ``metrics.jsonl``: one JSON line per (possibly partial) epoch; a torn last line (a kill inside
+  an append) is dropped with a warning, any other bad line is an error naming its number;
 - ``samples/epoch_NNNN.png``: a grid of samples after each epoch;
 - ``eval.json``: evaluations by split and temperature (``couplings eval``, ``couplings compare``);
 - ``.lock``: held (``flock``) by the process training into the directory.
 
-Every file is written through `couplings.files.atomic_write` (``metrics.jsonl`` is appended to,
-one synced line at a time).
+Every file is written through `couplings.files.atomic_write` (``metrics.jsonl`` through
+`couplings.files.append_line`, one synced line at a time); a refused write raises
+`couplings.files.WriteError` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,14 +32,22 @@ from typing import Any
 import torch
 
 from couplings import checkpoint
-from couplings.files import atomic_write
+from couplings.files import WriteError, append_line, atomic_write, remove_stale_temporaries
 from couplings.images import save_grid
 
-__all__ = ["RunDir", "RunDirBusy"]
+__all__ = ["MetricsError", "RunDir", "RunDirBusy", "TornLineWarning"]
 
 
 class RunDirBusy(RuntimeError):
     """Another live process is training into the run directory."""
+
+
+class MetricsError(ValueError):
+    """A line of ``metrics.jsonl`` other than a torn last one is not a JSON object."""
+
+
+class TornLineWarning(UserWarning):
+    """The last line of ``metrics.jsonl`` was cut short (a kill inside an append) and is ignored."""
 
 
 class RunDir:
@@ -44,6 +57,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.saved: str | None = None  # the checkpoint this process wrote last, as "PATH (step N)"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -56,11 +70,27 @@ class RunDir:
     def best(self) -> Path:
         return self.path / checkpoint.BEST
 
+    @property
+    def previous(self) -> Path:
+        return self.path / checkpoint.PREVIOUS
+
     def is_empty(self) -> bool:
         """True when nothing of a run is there yet: no directory, or one with at most a lock file."""
         if not self.path.exists():
             return True
         return self.path.is_dir() and all(p.name == self.LOCK for p in self.path.iterdir())
+
+    def never_checkpointed(self) -> bool:
+        """True for a run killed before its first checkpoint: the directory holds only what a run
+        writes before it (``config.json``, the lock, an empty ``samples/``, temporary files)."""
+        if not self.path.is_dir():
+            return False
+        for p in self.path.iterdir():
+            if p.name == self.SAMPLES and p.is_dir() and not any(p.iterdir()):
+                continue
+            if p.name not in (self.LOCK, self.CONFIG) and not (p.name.startswith(".") and ".tmp" in p.name):
+                return False
+        return True
 
     def create(self) -> None:
         (self.path / self.SAMPLES).mkdir(parents=True, exist_ok=True)
@@ -76,41 +106,137 @@ class RunDir:
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self, payload: dict[str, Any], *, best: bool) -> None:
-        """Writes ``last.pt``, and ``best.pt`` too when ``best``."""
-        checkpoint.save(payload, self.last)
+        """Writes ``last.pt``, keeping the one it replaces as ``previous.pt``; when ``best``, the
+        file is written as ``best.pt`` first and ``last.pt`` then points at it. ``previous.pt``
+        and ``last.pt`` are swapped in as hard links (no copy) by a rename, so every name always
+        holds a complete file, and a kill between two renames leaves ``last.pt`` at an older,
+        intact state from which a resume redoes the same steps."""
+        if self.last.is_file():
+            self._link(self.last, self.previous)
+        checkpoint.save(payload, self.best if best else self.last)
         if best:
-            checkpoint.save(payload, self.best)
+            self._link(self.best, self.last)
+        self.saved = f"{self.last} (step {payload.get('step', 0)})"
 
-    def load_last(self) -> dict[str, Any]:
-        return checkpoint.load(self.last)
+    def _link(self, source: Path, name: Path) -> None:
+        """Points ``name`` at ``source``'s file: a hard link under a temporary name, renamed into
+        place (a full copy where the filesystem has no hard links)."""
+        tmp = name.with_name(f".{name.name}.tmp{os.getpid()}")
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(source, tmp)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                atomic_write(name, source.read_bytes())
+                return
+            os.replace(tmp, name)
+        except WriteError:
+            raise
+        except OSError as e:
+            raise WriteError(e.errno, e.strerror or str(e), str(name)) from None
+
+    def checkpoints(self) -> list[Path]:
+        """The run's checkpoint files that exist, newest first by construction: last, previous, best."""
+        return [p for p in (self.last, self.previous, self.best) if p.is_file()]
+
+    def newest_intact(self) -> tuple[Path, dict[str, Any], list[tuple[Path, Exception]]]:
+        """The newest checkpoint of the run that loads, verifies and fits its model (``last.pt``
+        if it does, else the later of ``previous.pt`` and ``best.pt``), its contents, and the
+        damaged ones met on the way with their errors. Reads only.
+
+        Raises:
+            CheckpointError: None of them is intact (each one's reason is given), or none exists.
+        """
+        candidates = self.checkpoints()
+        if not candidates:
+            raise checkpoint.CheckpointError(f"cannot resume: {self.last} does not exist")
+        intact, damaged = [], []
+        for path in candidates:
+            try:
+                intact.append((path, checkpoint.load_model(path)[1]))
+            except checkpoint.CheckpointError as e:
+                damaged.append((path, e))
+            if path == self.last and intact:
+                break  # last.pt is the newest there is
+        if not intact:
+            reasons = "; ".join(str(e) for _, e in damaged)
+            raise checkpoint.CheckpointError(f"cannot resume {self.path}: no intact checkpoint ({reasons})")
+        path, state = max(intact, key=lambda item: item[1]["step"])
+        return path, state, damaged
+
+    def resume_from(self, path: Path, damaged: list[tuple[Path, Exception]], say) -> None:
+        """Makes ``path`` (from `newest_intact`) the run's ``last.pt`` and moves each damaged
+        checkpoint aside as ``NAME.damaged`` (so that no later save rotates it into
+        ``previous.pt``), telling ``say`` (a function of one line) what was done."""
+        for bad, error in damaged:
+            os.replace(bad, bad.with_name(bad.name + ".damaged"))
+            say(f"warning: {error}; moved it to {bad.name}.damaged")
+        if path != self.last:
+            self._link(path, self.last)
+            say(f"warning: resuming from {path.name}, the newest intact checkpoint of the run")
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Removes the temporary files of writes that a kill interrupted."""
+        return remove_stale_temporaries(self.path) + remove_stale_temporaries(self.path / self.SAMPLES)
 
     # ---- metrics.jsonl -------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / self.METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path / self.METRICS, json.dumps(record))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / self.METRICS
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        """The records of ``metrics.jsonl`` (none if it does not exist). A torn last line is
+        dropped with a `TornLineWarning`.
 
-    def forget_metrics_after(self, step: int) -> None:
-        """Drops metrics lines past ``step`` (written after the checkpoint a run resumes from)."""
+        Raises:
+            MetricsError: Another line is not a JSON object (its file and line number are named).
+        """
+        return self._metrics()[0]
+
+    def _metrics(self) -> tuple[list[dict[str, Any]], bool]:
+        """(records, whether a torn last line was dropped)."""
         path = self.path / self.METRICS
         if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write(path, "".join(line + "\n" for line in kept))
+            return [], False
+        text = path.read_text(errors="replace")
+        lines = text.split("\n")  # a complete file ends with a newline: its last piece is empty
+        records, torn = [], False
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if number == len(lines):  # no newline after it: a write that was cut short
+                    warnings.warn(f"{path}: dropped a torn last line {number} (a write cut short)", TornLineWarning,
+                                  stacklevel=3)
+                    torn = True
+                    continue
+                raise MetricsError(f"{path}: line {number} is not a JSON object ({e}); fix or delete that line") from None
+            records.append(record)
+        return records, torn
+
+    def forget_metrics_after(self, step: int) -> None:
+        """Drops metrics lines past ``step`` (written after the checkpoint a run resumes from) and
+        a torn last line, rewriting the file (atomically) if either was there."""
+        records, torn = self._metrics()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if torn or len(kept) != len(records):
+            atomic_write(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ---- samples/ ------------------------------------------------------------------------
 
     def save_samples(self, images: torch.Tensor, index: int, nrow: int = 8) -> Path:
         directory = self.path / self.SAMPLES
-        directory.mkdir(exist_ok=True)  # a run directory copied without it must not crash the run
+        try:
+            directory.mkdir(exist_ok=True)  # a run directory copied without it must not crash the run
+        except OSError as e:
+            raise WriteError(e.errno, e.strerror or str(e), str(directory)) from None
         return save_grid(images, directory / f"epoch_{index:04d}.png", nrow=nrow)
 
     # ---- eval.json -----------------------------------------------------------------------

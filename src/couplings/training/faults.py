@@ -120,7 +120,7 @@ def roll_back(fault: NumericalFault, faults: FaultCounter, run_dir: RunDir, mode
             f"training diverged: {fault} (after {faults.rollbacks} rollback(s) with a lower learning rate); "
             f"the last good state is in {run_dir.last}"
         )
-    state = run_dir.load_last()
+    state = run_dir.newest_intact()[1]
     model.load_state_dict(state["model_state"])
     set_rng_states(state["rng"])
     faults.rollbacks += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from couplings import checkpoint, data
 from couplings.config import ConfigError, TrainConfig, apply_overrides, from_stored
+from couplings.files import WriteError
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS, Flow, build_model
 from couplings.rundir import RunDir
@@ -43,6 +45,7 @@ class RunPlan:
     model_object: Flow  # built (new run) or loaded from last.pt (resumed run)
     train_data: tuple[np.ndarray, np.ndarray] | None = None
     val_data: tuple[np.ndarray, np.ndarray] | None = None
+    note: str | None = None  # a line for stderr when training starts
 
     def record(self) -> dict[str, Any]:
         """config.json's content, without the hardware."""
@@ -96,9 +99,10 @@ def plan_run(
     return plan
 
 
-def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict) -> RunPlan:
+def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
+         restart: bool = False) -> RunPlan:
     entry = MODELS[model_name]
-    if not run_dir.is_empty():
+    if not restart and not run_dir.is_empty():
         raise TrainingError(f"{run_dir.path} already exists and is not empty; pass --resume to continue it or choose another --out")
     size = size or next(iter(entry.presets))  # the first preset is the paper's size
     if size not in entry.presets:
@@ -111,9 +115,12 @@ def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: di
 
 
 def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict) -> RunPlan:
-    if not run_dir.last.is_file():
-        raise TrainingError(f"cannot resume: {run_dir.last} does not exist")
-    model, state = checkpoint.load_model(run_dir.last)  # readable, and its weights fit the model it names
+    if not run_dir.checkpoints() and run_dir.never_checkpointed():  # killed before its step-0 checkpoint
+        plan = _new(model_name, run_dir, size, model_overrides, train_overrides, restart=True)
+        plan.note = f"warning: {run_dir.path} stopped before its first checkpoint; starting it from the beginning"
+        return plan
+    path, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
+    model = checkpoint.load_model(path)[0]
     if state["model"] != model_name:
         raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state['model']!r} run")
     stored = from_stored(MODELS[model_name].train_config, state["train"])
@@ -171,11 +178,32 @@ def train(
 def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True) -> Path:
     """Trains a run that `plan_run` checked (see `train`); returns its directory."""
     dev = resolve_device(device)
-    with plan.run_dir.lock():
+    run_dir = plan.run_dir
+    with run_dir.lock():
+        if plan.note:
+            print(plan.note, file=sys.stderr)
         if plan.state is not None:  # another process may have trained on since the plan was made
-            plan.state = plan.run_dir.load_last()
-        _train(plan, dev, progress)
-    return plan.run_dir.path
+            path, plan.state, damaged = run_dir.newest_intact()
+            run_dir.resume_from(path, damaged, lambda line: print(line, file=sys.stderr))
+        try:
+            _train(plan, dev, progress)
+        except WriteError as e:
+            raise TrainingError(f"cannot write {e.filename}: {e.strerror}; {_last_good(run_dir)}") from None
+    return run_dir.path
+
+
+def _last_good(run_dir: RunDir) -> str:
+    """Where a run that a failed write stopped can continue from, as the end of its error line."""
+    if not run_dir.path.is_dir():
+        return f"the run directory {run_dir.path} no longer exists"
+    good = run_dir.saved
+    if good is None and run_dir.checkpoints():
+        try:
+            good = str(run_dir.newest_intact()[0])
+        except checkpoint.CheckpointError:
+            pass
+    return (f"the last good checkpoint is {good}; fix that and continue with --resume" if good
+            else "no checkpoint had been written yet")
 
 
 def _train(plan: RunPlan, device: torch.device, progress: bool) -> None:
