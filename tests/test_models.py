@@ -24,6 +24,7 @@ def small_models():
         "nice-gaussian": NICE(dim=784, couplings=3, hidden_layers=1, hidden_units=8, prior="gaussian"),
         "realnvp": RealNVP(hidden=4, blocks=1),
         "glow": Glow(steps=2, hidden=4, blocks=1),
+        "glow-fast-layers": Glow(steps=2, hidden=4, blocks=1, alpha=1e-5, net="gated", scale="bounded"),
     }
 
 

@@ -14,6 +14,7 @@ from couplings.transforms import (
     Composite,
     InvConv1x1,
     LearnedSplitPrior,
+    Logit,
     Shift,
     Squeeze,
     Transform,
@@ -37,6 +38,7 @@ class GlowConfig:
     scale: str = "sigmoid"  # "sigmoid" (the paper, bounded below by min_scale) or "bounded": c * tanh(h / c)
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
     dequant_hidden: int = 16  # channels of the variational dequantizer's gated networks
+    alpha: float | None = None  # None: pixels centred at 0 (the paper); a number: logit with this alpha, as Real NVP
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
@@ -44,6 +46,8 @@ class GlowConfig:
             raise ValueError(f"need levels, steps, hidden >= 1 and blocks >= 0; found {self}")
         if not 0 <= self.min_scale < 1:
             raise ValueError(f"min_scale must be in [0, 1), found {self.min_scale}")
+        if self.alpha is not None and not 0 <= self.alpha < 0.5:
+            raise ValueError(f"alpha must be in [0, 0.5) (or none), found {self.alpha}")
         if self.num_classes < 0 or self.dequant_hidden < 1:
             raise ValueError(f"need num_classes >= 0 and dequant_hidden >= 1; found {self.num_classes}, {self.dequant_hidden}")
         check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"))
@@ -99,7 +103,8 @@ class Glow(MultiScaleFlow):
         final = blocks_per_level.pop()
         if config.num_classes:
             final = Composite([*final.transforms, ClassConditionalPrior(c, config.num_classes)])
-        super().__init__(config.image_shape, Shift(-0.5), blocks_per_level, final, out_shapes, priors)
+        preprocess = Shift(-0.5) if config.alpha is None else Logit(config.alpha)
+        super().__init__(config.image_shape, preprocess, blocks_per_level, final, out_shapes, priors)
         self.config = config
         self.conditional, self.num_classes = config.num_classes > 0, config.num_classes
         if config.dequantization == "variational":
