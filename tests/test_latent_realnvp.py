@@ -150,3 +150,41 @@ def test_cli_label_errors(tiny_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["sample", str(tmp_path / "nice"), "--label", "10", "-o", str(tmp_path / "x.png")])
     assert info.value.code == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_class_prior_round_trips_and_its_density_integrates_to_one_per_class():
+    torch.manual_seed(2)
+    m = LatentRealNVP(embedding_dim=2, couplings=2, hidden_units=8, num_classes=3, class_prior=True).double().eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.startswith("autoencoder."):
+                p.add_(0.3 * torch.randn_like(p))
+    x, y = torch.rand(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    z, ld = m.transform(x, y)
+    torch.testing.assert_close(m.log_prob(x, y), m.prior.log_prob(z).sum(-1) + ld)
+    h, _ = m.class_prior.inverse(z, y)
+    torch.testing.assert_close(m.flow.inverse(h, m.context(y, 4))[0], m.autoencoder.encode(x), atol=1e-10, rtol=0)
+    assert m.inverse(z, y)[0].shape == (4, 1, 28, 28)
+    side = torch.linspace(-15, 15, 601, dtype=torch.float64)
+    grid = torch.cartesian_prod(side, side)
+    for label in range(3):
+        with torch.no_grad():
+            density = m.embedding_log_prob(grid, torch.full((len(grid),), label)).exp()
+        assert abs(float(density.sum() * (side[1] - side[0]) ** 2) - 1) < 2e-3
+    with pytest.raises(ValueError, match="class_prior needs a class-conditional model"):
+        LatentRealNVP(conditional=False, class_prior=True)
+
+
+def test_class_prior_sample_log_prob_matches_the_density_of_the_embedding():
+    torch.manual_seed(3)
+    m = LatentRealNVP(couplings=2, hidden_units=8, class_prior=True).double().eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.startswith("autoencoder."):
+                p.add_(0.1 * torch.randn_like(p))
+    y = torch.arange(5)
+    _, log_prob = m.sample_with_log_prob(5, y, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(5, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h, _ = m.class_prior.inverse(z, y)
+    e, _ = m.flow.inverse(h, m.context(y, 5))
+    torch.testing.assert_close(log_prob, m.embedding_log_prob(e, y))

@@ -12,6 +12,7 @@ from couplings.transforms import (
     AffineCoupling,
     AffineCoupling2d,
     BatchNormFlow,
+    ClassConditionalPrior,
     Composite,
     DiagonalScaling,
     InvConv1x1,
@@ -49,11 +50,13 @@ LAYERS = {
     "affine-conditional": lambda: AffineCoupling(~EVEN, hidden_layers=1, hidden_units=8, context_dim=3),
     "batchnorm-eval": lambda: _with_running_stats(BatchNormFlow(6)).eval(),
     "permutation": lambda: Permutation(6, seed=3),
+    "class-prior-flat": lambda: ClassConditionalPrior(6, num_classes=3),
     "latent-stack": lambda: Composite(
         [AffineCoupling(EVEN, 1, 8, context_dim=3), _with_running_stats(BatchNormFlow(6)), Permutation(6)]
     ).eval(),
 }
 CONDITIONAL = {"affine-conditional", "latent-stack"}
+LABELLED = {"class-prior-flat", "class-prior-image"}  # layers whose context is a label (B,)
 
 # Image layers run on (B, C, H, W) inputs of these shapes; flat layers on (B, 6) or (B, 5).
 IMAGE_LAYERS = {
@@ -64,6 +67,7 @@ IMAGE_LAYERS = {
     "invconv1x1": (lambda: InvConv1x1(3, seed=1), (3, 2, 2)),
     "batchnorm2d-eval": (lambda: BatchNormFlow(2, spatial=True, momentum=0.05, eps=1e-4).eval(), (2, 2, 2)),
     "shift": (lambda: Shift(-0.5), (1, 2, 2)),
+    "class-prior-image": (lambda: ClassConditionalPrior(2, num_classes=3), (2, 2, 2)),
     "coupling-checkerboard-tanh": (lambda: AffineCoupling2d(1, "checkerboard", 0, 4, 1).eval(), (1, 4, 4)),
     "coupling-checkerboard-odd": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
     "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),
@@ -93,6 +97,8 @@ def _with_running_stats(layer: BatchNormFlow) -> BatchNormFlow:
 
 
 def _context(name: str, batch: int = 4) -> torch.Tensor | None:
+    if name in LABELLED:
+        return torch.arange(batch) % 3
     if name not in CONDITIONAL:
         return None
     return torch.nn.functional.one_hot(torch.arange(batch) % 3, 3).double()

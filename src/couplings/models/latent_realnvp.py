@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from couplings.distributions import StandardNormal
 from couplings.models.base import Flow, check_at_least, with_options
-from couplings.transforms import AffineCoupling, BatchNormFlow, Composite, Permutation
+from couplings.transforms import AffineCoupling, BatchNormFlow, ClassConditionalPrior, Composite, Permutation
 
 __all__ = ["ConvAutoencoder", "LatentRealNVP", "LatentRealNVPConfig"]
 
@@ -26,11 +26,14 @@ class LatentRealNVPConfig:
     conditional: bool = True
     num_classes: int = 10
     image_size: int = 28
+    class_prior: bool = False  # a learned Gaussian per class (Glow's class-conditional prior) at the flow's end
 
     def __post_init__(self):
         check_at_least(self, 1, "couplings", "hidden_layers", "hidden_units", "num_classes")
         if self.embedding_dim < 2:
             raise ValueError(f"embedding_dim must be >= 2 (a coupling splits it in two), found {self.embedding_dim}")
+        if self.class_prior and not self.conditional:
+            raise ValueError("class_prior needs a class-conditional model (conditional=true)")
         if self.image_size < 4 or self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two stride-2 convs), found {self.image_size}")
 
@@ -72,7 +75,8 @@ class ConvAutoencoder(nn.Module):
 class LatentRealNVP(Flow):
     """A conv autoencoder to a 20-d embedding and a Real NVP on the embeddings, conditioned on
     the one-hot digit label: per step an affine coupling (odd/even masks alternating, tanh-bounded
-    scale), a batch-norm layer with its log-det, and a fixed random permutation.
+    scale), a batch-norm layer with its log-det, and a fixed random permutation; with
+    ``class_prior``, the latent of each class is also a learned Gaussian (Glow's class prior).
 
     ``log_prob`` is the density of the image's *embedding* in R^embedding_dim, not a density on
     pixels: this model has no pixel bits/dim (``has_pixel_density`` is False, and
@@ -101,6 +105,7 @@ class LatentRealNVP(Flow):
                 Permutation(dim, seed=i),
             ]
         self.flow = Composite(layers)
+        self.class_prior = ClassConditionalPrior(dim, config.num_classes) if config.class_prior else None
         self.prior = StandardNormal(dim)
 
     def context(self, y: Tensor | None, n: int) -> Tensor | None:
@@ -114,18 +119,30 @@ class LatentRealNVP(Flow):
             raise ValueError(f"expected labels of shape ({n},) in 0..{self.config.num_classes - 1}, found {y.tolist()}")
         return F.one_hot(y, self.config.num_classes).to(self.prior.dtype)
 
+    def _flow(self, e: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Embeddings -> latents under the standard normal, with the log-det (the class prior last)."""
+        z, logabsdet = self.flow(e, self.context(y, len(e)))
+        if self.class_prior is not None:
+            z, ld = self.class_prior(z, torch.as_tensor(y, device=z.device))
+            logabsdet = logabsdet + ld
+        return z, logabsdet
+
     def embedding_log_prob(self, e: Tensor, y: Tensor | None = None) -> Tensor:
         """Log-density (nats) of embeddings e (B, embedding_dim)."""
-        z, logabsdet = self.flow(e, self.context(y, len(e)))
+        z, logabsdet = self._flow(e, y)
         return self.prior.log_prob(z).sum(-1) + logabsdet
 
     def transform(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images -> flow latents of their embeddings (B, embedding_dim) and the flow's log-det."""
-        return self.flow(self.autoencoder.encode(x), self.context(y, len(x)))
+        return self._flow(self.autoencoder.encode(x), y)
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        e, logabsdet = self.flow.inverse(z, self.context(y, len(z)))
-        return self.autoencoder.decode(e), logabsdet
+        context = self.context(y, len(z))  # checks the labels
+        logabsdet = z.new_zeros(len(z))
+        if self.class_prior is not None:
+            z, logabsdet = self.class_prior.inverse(z, torch.as_tensor(y, device=z.device))
+        e, ld = self.flow.inverse(z, context)
+        return self.autoencoder.decode(e), logabsdet + ld
 
     @torch.inference_mode()
     def sample_with_log_prob(

@@ -36,9 +36,9 @@ class LearnedSplitPrior(Transform):
 
 
 class ClassConditionalPrior(Transform):
-    """Glow's class-conditional prior of the top latent: ``h ~ N(mu(y), sigma(y)^2)`` per channel,
-    from a zero-initialised embedding of the label ``y`` (B,), so training starts from the
-    standard normal.
+    """Glow's class-conditional prior of the top latent: ``h ~ N(mu(y), sigma(y)^2)`` per channel
+    of an image (B, C, H, W), or per entry of a flat vector (B, C), from a zero-initialised
+    embedding of the label ``y`` (B,), so training starts from the standard normal.
 
     Applied, like `LearnedSplitPrior`, as the standardising map ``(h - mu) / sigma`` with log-det
     ``-H W sum(log sigma)``, so the model's prior stays a standard normal and sampling a class
@@ -59,8 +59,12 @@ class ClassConditionalPrior(Transform):
             found = None if y is None else y.tolist()
             raise ValueError(f"this flow is class-conditional: expected labels of shape ({x.shape[0]},) "
                              f"in 0..{self.num_classes - 1}, found {found}")
-        mu, log_sigma = self.embedding(y.long()).to(x.dtype)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        return mu, log_sigma, x.shape[2] * x.shape[3] * log_sigma.flatten(1).sum(1)
+        stats = self.embedding(y.long()).to(x.dtype)  # (B, 2C)
+        if x.dim() == 4:
+            stats = stats[:, :, None, None]  # (B, 2C, 1, 1): the same for every pixel
+        mu, log_sigma = stats.chunk(2, dim=1)
+        pixels = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
+        return mu, log_sigma, pixels * log_sigma.flatten(1).sum(1)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mu, log_sigma, ld = self._stats(y, x)
