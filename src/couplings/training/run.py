@@ -104,7 +104,7 @@ def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: di
     entry = MODELS[model_name]
     if not restart and not run_dir.is_empty():
         raise TrainingError(f"{run_dir.path} already exists and is not empty; pass --resume to continue it or choose another --out")
-    size = size or next(iter(entry.presets))  # the first preset is the paper's size
+    size = size or next(iter(entry.presets))  # the first preset is the default (for most models the paper's size)
     if size not in entry.presets:
         raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
     preset_model, preset_train = entry.preset(size)
