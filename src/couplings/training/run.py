@@ -119,8 +119,8 @@ def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides
         plan = _new(model_name, run_dir, size, model_overrides, train_overrides, restart=True)
         plan.note = f"warning: {run_dir.path} stopped before its first checkpoint; starting it from the beginning"
         return plan
-    path, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
-    model = checkpoint.load_model(path)[0]
+    _, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
+    model = build_model(state["model"], state["model_config"])  # its weights are loaded when training starts
     if state["model"] != model_name:
         raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state['model']!r} run")
     stored = from_stored(MODELS[model_name].train_config, state["train"])
