@@ -188,3 +188,15 @@ def test_class_prior_sample_log_prob_matches_the_density_of_the_embedding():
     h, _ = m.class_prior.inverse(z, y)
     e, _ = m.flow.inverse(h, m.context(y, 5))
     torch.testing.assert_close(log_prob, m.embedding_log_prob(e, y))
+
+
+def test_presets_default_is_the_measured_recipe_and_origin_the_seed_projects():
+    from couplings.models import MODELS
+
+    entry = MODELS["latent-realnvp"]
+    assert next(iter(entry.presets)) == "default"
+    model, train = entry.preset("default")
+    assert model == {"hidden_units": 256, "class_prior": True} and train == {"lr": 1e-3, "epochs": 20}
+    model, train = entry.preset("origin")
+    assert model == {} and train == {"epochs": 20}  # 9 couplings x 100 units, Adam 1e-4, 10 + 20 epochs
+    assert LatentRealNVP().config.couplings == 9 and entry.train_config().lr == 1e-4
