@@ -46,16 +46,19 @@ def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
     return make_adam(params, lr=1e-3, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, kernel=cfg.adam)
 
 
-def _one_step(model, cfg: TrainConfig, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """The loss on ``x``, its gradient and the change of every parameter in one Adam step (flattened)."""
+def _one_step(model, cfg: TrainConfig, x: torch.Tensor, device: torch.device = torch.device("cpu"),
+              ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The loss on ``x``, its gradient and the change of every parameter in one Adam step
+    (flattened, on the CPU), with the model and ``x`` on ``device``."""
+    x = tuple(t.to(device) for t in x)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
-    nll = training_nll(model, cfg, torch.device("cpu"))
+    nll = training_nll(model, cfg, device)
     optimizer = _adam(model.parameters(), cfg)
     loss = nll(*x)
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     optimizer.step()
-    return loss.item(), grad, torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    return loss.item(), grad.cpu(), (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).cpu()
 
 
 def _slow(name: str, option: str) -> bool:
@@ -122,3 +125,56 @@ def test_auto_adam_is_the_fused_kernel_where_pytorch_has_one():
     weight = torch.nn.Parameter(torch.zeros(3))
     assert _adam([weight], TrainConfig()).defaults["fused"]  # PyTorch 2.13 has a fused CPU Adam
     assert not _adam([weight], TrainConfig(adam="default")).defaults["fused"]
+
+
+# --- On the GPU: every path against the CPU result on the same weights -------------------------
+
+def _test_device() -> torch.device:
+    """$COUPLINGS_TEST_DEVICE (default cuda); scripts/gpu_check.py --smoke sets cpu, so that the
+    test below runs (CPU against CPU) where there is no GPU and cannot rot."""
+    return torch.device(os.environ.get("COUPLINGS_TEST_DEVICE", "cuda"))
+
+
+@pytest.fixture
+def exact_float32():
+    """No TF32 in cuDNN convolutions or matmuls while comparing float32 results with the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("option", ["fp32", *OPTIONS])
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_path_on_the_gpu_matches_the_cpu_result(name, option, exact_float32):
+    device = _test_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (scripts/gpu_check.py runs these there; --smoke runs them on the CPU)")
+    if device.type == "cpu" and _slow(name, option):
+        pytest.skip("compiling a convolutional flow takes minutes on CPU; set COUPLINGS_SLOW_TESTS=1")
+    overrides, rtol = ({}, 1e-5) if option == "fp32" else OPTIONS[option]
+    torch.manual_seed(0)
+    cpu = MODELS[name]()
+    x = _batch()
+    cpu.log_prob(_dequantized(x)[:8])  # data-dependent initialisation (ActNorm) before copying
+    gpu = copy.deepcopy(cpu).to(device)
+
+    cpu.eval(), gpu.eval()
+    with torch.no_grad():
+        cpu_nll = training_nll(cpu, TrainConfig(), torch.device("cpu"))(*x).item()
+        gpu_nll = training_nll(gpu, TrainConfig(**overrides), device)(*(t.to(device) for t in x)).item()
+    assert gpu_nll == pytest.approx(cpu_nll, rel=max(rtol, 1e-5))
+    cpu.train(), gpu.train()
+
+    cpu_loss, cpu_grad, cpu_step = _one_step(cpu, TrainConfig(adam="default"), x)
+    gpu_loss, gpu_grad, gpu_step = _one_step(gpu, TrainConfig(**overrides), x, device)
+    assert gpu_loss == pytest.approx(cpu_loss, rel=max(rtol, 1e-5))
+    scale = cpu_grad.abs().max()
+    if option == "bf16":
+        assert torch.nn.functional.cosine_similarity(gpu_grad, cpu_grad, dim=0) > 0.99
+        return
+    torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-3, atol=1e-4 * scale)
+    # Adam's first step is about lr * sign(gradient): compare it where the gradient is clearly non-zero.
+    clear = cpu_grad.abs() > 1e-2 * scale
+    torch.testing.assert_close(gpu_step[clear], cpu_step[clear], rtol=1e-3, atol=1e-6)

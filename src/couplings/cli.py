@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from couplings import __version__, checkpoint, data
+from couplings import __version__, checkpoint, data, distributed
 from couplings.checkpoint import CheckpointError
 from couplings.config import ConfigError, TrainConfig, split_overrides
 from couplings.data import DatasetError
@@ -31,7 +31,8 @@ from couplings.training import StoppedBySignal, TrainingError, plan_run, run_pla
 # Errors that are the user's input or environment, reported as one line without a traceback:
 # usage errors exit with 2, runtime errors with 1.
 USAGE_ERRORS = (ConfigError,)
-RUNTIME_ERRORS = (ArithmeticError, CheckpointError, DatasetError, RunDirBusy, TrainingError, OSError, ValueError)
+RUNTIME_ERRORS = (ArithmeticError, CheckpointError, DatasetError, distributed.DistributedError, RunDirBusy, TrainingError,
+                  OSError, ValueError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -193,6 +194,8 @@ def _cmd_train(args) -> int:
     if out is None:
         if args.resume:
             raise ConfigError("--resume needs --out pointing at the run to continue")
+        if distributed.world_size() > 1:  # a name from the clock could differ between the processes
+            raise ConfigError("under torchrun, give --out: every process must name the same run directory")
         dataset = train_overrides.get("dataset", TrainConfig.dataset)
         out = Path("runs") / f"{args.model}-{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     _check_writable_dir(out, "--out")
@@ -202,7 +205,8 @@ def _cmd_train(args) -> int:
     if args.out is None:
         print(f"run directory: {out}", file=sys.stderr)
     run_plan(plan, device=args.device, progress=not args.quiet)
-    print(out)
+    if distributed.is_main():
+        print(out)
     return 0
 
 
@@ -358,19 +362,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
                 "compare": _cmd_compare, "data": _cmd_data}
+    rank = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""  # under torchrun, whose line it is
     try:
         return commands[args.command](args)
     except StoppedBySignal as e:
-        print(f"couplings: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"couplings: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("error: interrupted; the last completed epoch is in last.pt (continue with --resume)", file=sys.stderr)
+        print(f"{rank}error: interrupted; the last completed epoch is in last.pt (continue with --resume)", file=sys.stderr)
         return 130
     except USAGE_ERRORS + RUNTIME_ERRORS as e:
         if args.debug:
             traceback.print_exc()
         message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{rank}error: {message}", file=sys.stderr)
         return 2 if isinstance(e, USAGE_ERRORS) else 1
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import warnings
@@ -50,13 +51,26 @@ class TornLineWarning(UserWarning):
     """The last line of ``metrics.jsonl`` was cut short (a kill inside an append) and is ignored."""
 
 
+def _writes(method):
+    """Marks a method that writes the directory: a no-op in a `RunDir` that is not its writer."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        return method(self, *args, **kwargs) if self.writer else None
+    return write
+
+
 class RunDir:
-    """A run directory at ``path`` (which need not exist yet)."""
+    """A run directory at ``path`` (which need not exist yet).
+
+    Under torchrun every rank has one, but only rank 0's is the ``writer``: on the other ranks
+    the methods that write (and `lock`) do nothing, so that each file has one writer.
+    """
 
     CONFIG, METRICS, SAMPLES, EVAL, LOCK = "config.json", "metrics.jsonl", "samples", "eval.json", ".lock"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
         self.saved: str | None = None  # the checkpoint this process wrote last, as "PATH (step N)"
 
     def __repr__(self) -> str:
@@ -92,11 +106,13 @@ class RunDir:
                 return False
         return True
 
+    @_writes
     def create(self) -> None:
         (self.path / self.SAMPLES).mkdir(parents=True, exist_ok=True)
 
     # ---- config.json ---------------------------------------------------------------------
 
+    @_writes
     def write_config(self, run: dict[str, Any]) -> Path:
         return atomic_write(self.path / self.CONFIG, json.dumps(run, indent=2) + "\n")
 
@@ -105,6 +121,7 @@ class RunDir:
 
     # ---- checkpoints ---------------------------------------------------------------------
 
+    @_writes
     def save_checkpoint(self, payload: dict[str, Any], *, best: bool) -> None:
         """Writes ``last.pt``, keeping the one it replaces as ``previous.pt``; when ``best``, the
         file is written as ``best.pt`` first and ``last.pt`` then points at it. ``previous.pt``
@@ -166,6 +183,7 @@ class RunDir:
         path, state = max(intact, key=lambda item: item[1]["step"])
         return path, state, damaged
 
+    @_writes
     def resume_from(self, path: Path, damaged: list[tuple[Path, Exception]], say) -> None:
         """Makes ``path`` (from `newest_intact`) the run's ``last.pt`` and moves each damaged
         checkpoint aside as ``NAME.damaged`` (so that no later save rotates it into
@@ -184,6 +202,7 @@ class RunDir:
 
     # ---- metrics.jsonl -------------------------------------------------------------------
 
+    @_writes
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_line(self.path / self.METRICS, json.dumps(record))
 
@@ -221,6 +240,7 @@ class RunDir:
             records.append(record)
         return records, torn
 
+    @_writes
     def forget_metrics_after(self, step: int) -> None:
         """Drops metrics lines past ``step`` (written after the checkpoint a run resumes from) and
         a torn last line, rewriting the file (atomically) if either was there."""
@@ -231,6 +251,7 @@ class RunDir:
 
     # ---- samples/ ------------------------------------------------------------------------
 
+    @_writes
     def save_samples(self, images: torch.Tensor, index: int, nrow: int = 8) -> Path:
         directory = self.path / self.SAMPLES
         try:
@@ -245,6 +266,7 @@ class RunDir:
         path = self.path / self.EVAL
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    @_writes
     def update_eval(self, key: str, result: dict[str, Any]) -> Path:
         """Sets ``eval.json[key] = result``, keeping the other entries."""
         return atomic_write(self.path / self.EVAL, json.dumps({**self.read_eval(), key: result}, indent=2) + "\n")
@@ -261,6 +283,9 @@ class RunDir:
         Raises:
             RunDirBusy: Another live process holds it.
         """
+        if not self.writer:
+            yield
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / self.LOCK, "a+") as f:
             try:

@@ -8,6 +8,7 @@ import time
 import torch
 from torch import Tensor
 
+from couplings.distributed import shard
 from couplings.models import LatentRealNVP
 from couplings.training.errors import TrainingError
 from couplings.training.loop import Context, start_pass, train_pass
@@ -61,7 +62,7 @@ def fit(ctx: Context) -> None:
         ae.train()
         this = start_pass(len(images), ae_epoch + 1, cfg, dev, ctx.state)
         seen_before, started = this.seen, time.perf_counter()
-        step = train_pass(ctx, ae_optimizer, this, lambda idx, _: (ae.loss(images[idx]),) * 2, step=step,
+        step = train_pass(ctx, ae_optimizer, this, lambda idx, _: (ae.loss(images[shard(idx)]),) * 2, step=step,
                           desc=f"autoencoder {ae_epoch + 1}/{cfg.ae_epochs}", postfix=lambda bce: f"BCE={bce:.2f}",
                           fields=ae_fields)
         seconds, seen, train_bce = time.perf_counter() - started, this.seen - seen_before, this.mean_loss()
@@ -101,7 +102,7 @@ def fit(ctx: Context) -> None:
         model.flow.train()
         this = start_pass(len(embeddings), cfg.ae_epochs + epoch + 1, cfg, dev, ctx.state)
         seen_before, started = this.seen, time.perf_counter()
-        step = train_pass(ctx, optimizer, this, lambda idx, _: (nll(embeddings[idx], labels[idx]),) * 2, step=step,
+        step = train_pass(ctx, optimizer, this, lambda idx, _: (nll(embeddings[shard(idx)], labels[shard(idx)]),) * 2, step=step,
                           desc=f"flow {epoch + 1}/{cfg.epochs}", postfix=lambda v: f"NLL={v:.3f}", fields=flow_fields)
         seconds, seen, train_nll = time.perf_counter() - started, this.seen - seen_before, this.mean_loss()
         epoch += this.complete

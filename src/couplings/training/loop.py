@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from couplings import distributed
 from couplings.config import ConfigError, TrainConfig
 from couplings.rundir import RunDir
-from couplings.training.errors import StoppedBySignal
+from couplings.training.errors import StoppedBySignal, TrainingError
 from couplings.training.faults import FaultCounter, locate_fault, rng_states
 from couplings.training.optim import EMA, lr_factor, optimizer_step
 
@@ -88,24 +89,34 @@ class Budget:
         return self.already + time.perf_counter() - self.started
 
     def spent(self, step: int) -> bool:
+        """Whether to stop now. Under torchrun the clock and the signals are agreed over the
+        ranks, so that every rank stops after the same step."""
         over_steps = self.max_steps is not None and step >= self.max_steps
         over_time = self.max_minutes is not None and time.perf_counter() - self.started >= 60 * self.max_minutes
-        return over_steps or over_time or self.stop_signal is not None
+        over_time, signum = distributed.max_over_ranks(float(over_time), float(self.stop_signal or 0))
+        if signum and self.stop_signal is None:
+            self.stop_signal = int(signum)
+        return over_steps or bool(over_time) or self.stop_signal is not None
 
     @contextmanager
     def stop_on_signals(self, run_dir: RunDir, console: Console) -> Iterator[None]:
         """While active, SIGINT and SIGTERM end training like a spent budget: the current step
         finishes, the (partial) epoch is validated and checkpointed, and `StoppedBySignal` is
-        raised on exit. A second signal interrupts at once."""
+        raised on exit. A second signal interrupts at once, except under torchrun: its agent passes
+        signals on to the workers and kills them 30 s later if they have not exited, and every
+        rank must stop after the same step."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
             if self.stop_signal is not None:
+                if distributed.launched():
+                    return
                 raise KeyboardInterrupt
             self.stop_signal = signum
-            console.say(f"{signal.Signals(signum).name}: stopping after the current step (again to abort)")
+            again = "" if distributed.launched() else " (again to abort)"
+            console.say(f"{signal.Signals(signum).name}: stopping after the current step{again}")
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -153,7 +164,11 @@ class Context:
 
     def checkpoint(self, fields: dict, *, best: bool) -> None:
         """Writes ``last.pt`` (and ``best.pt`` when ``best``): the run, the model, every random
-        state, the clock, the fault counters and the trainer's own ``fields``."""
+        state, the clock, the fault counters and the trainer's own ``fields``. Under torchrun,
+        rank 0 writes it, after checking that every rank holds the same weights."""
+        if not distributed.in_sync(self.model):
+            raise TrainingError(f"the {distributed.world_size()} processes no longer hold the same weights; "
+                                "this is a bug in couplings, please report it")
         self.run_dir.save_checkpoint({
             **{k: self.run[k] for k in ("model", "size", "model_config", "train", "hardware")},
             "model_state": self.model.state_dict(),
@@ -161,6 +176,7 @@ class Context:
             "elapsed": self.budget.elapsed(),
             "lr_scale": self.faults.lr_scale,
             "rollbacks": self.faults.rollbacks,
+            "world_size": distributed.world_size(),
             "pass": None,  # overwritten by a pass's position when it stops mid-epoch
             **fields,
         }, best=best)
@@ -180,7 +196,9 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
 
     Args:
         objective: ``(batch indices, noise generator) -> (loss, loss plus any penalty)``; the
-            second is minimised, the first averaged for the log.
+            second is minimised, the first averaged for the log. The indices are the global
+            batch; under torchrun each rank's objective takes its share (`couplings.distributed.shard`)
+            of them and of any noise drawn for the whole batch.
         postfix: Mean loss so far -> the text beside the progress bar.
         fields: ``step -> dict`` of the trainer's checkpoint fields, for the checkpoints written
             every ``checkpoint_every`` steps inside the pass.
@@ -196,12 +214,13 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
             loss, total = objective(idx, this.generator)
             factor = lr_factor(cfg, step, len(this.batches)) * ctx.faults.lr_scale
             good = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
+            distributed.broadcast_buffers(ctx.model)  # batch-norm running averages: rank 0's
             step, this.next = step + 1, this.next + 1
             bar.update()
             if good:
                 if ema is not None:
                     ema.update(ctx.model, step)
-                this.total, this.seen = this.total + loss.item() * len(idx), this.seen + len(idx)
+                this.total, this.seen = this.total + distributed.average(loss) * len(idx), this.seen + len(idx)
             else:
                 this.skipped += 1
                 ctx.console.say(f"step {step}: non-finite loss or gradient, step skipped")

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from couplings import distributed
 from couplings.config import TrainConfig
 
 __all__ = ["ADAM_KERNELS", "EMA", "lr_factor", "make_adam", "optimizer_step", "warmup_factor"]
@@ -104,13 +105,17 @@ def optimizer_step(optimizer: torch.optim.Optimizer, objective: torch.Tensor, *,
     clipped at ``grad_clip`` (if set) and each group steps at its initial learning rate times
     ``lr_factor``.
 
-    The finiteness check is the step's one host synchronisation.
+    Under torchrun the gradients are first averaged over the ranks, and a step that is not
+    finite on one rank is skipped on all. The finiteness check is the step's one host
+    synchronisation (with the all-reduce, under torchrun).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
-    finite = torch.isfinite(objective)
+    finite = bool(torch.isfinite(objective))
     if finite:  # backward through a NaN loss is wasted work
         objective.backward()
+    finite = distributed.average_gradients(params, finite)  # under torchrun; false on all ranks if on any
+    if finite:
         if grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from couplings.config import PixelTrainConfig
+from couplings.distributed import shard
 from couplings.likelihood import bits_per_dim, nats_to_bits_per_dim
 from couplings.sampling import sample_labels
 from couplings.training.loop import Context, start_pass, train_pass
@@ -98,9 +99,10 @@ def pixel_objective(model, cfg: PixelTrainConfig, pixels: torch.Tensor, device: 
     nll = training_nll(model, cfg, device)
 
     def objective(idx, generator):
-        batch = pixels[idx]
-        noise = torch.rand(batch.shape, generator=generator, device=batch.device)  # the dequantization's
-        loss = nll(batch, noise, None if labels is None else labels[idx])
+        # The dequantization noise of the whole batch, then this rank's share of both (all of it on one process).
+        noise = torch.rand((len(idx), *pixels.shape[1:]), generator=generator, device=pixels.device)
+        idx, noise = shard(idx), shard(noise)
+        loss = nll(pixels[idx], noise, None if labels is None else labels[idx])
         penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
         return loss, loss + penalty
     return objective

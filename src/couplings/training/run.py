@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from couplings import checkpoint, data
+from couplings import checkpoint, data, distributed
 from couplings.config import ConfigError, TrainConfig, apply_overrides, from_stored
 from couplings.files import WriteError
 from couplings.hardware import describe, resolve_device
@@ -88,6 +88,9 @@ def plan_run(
     plan = _resumed(model_name, run_dir, size, model_overrides, train_overrides) if resume else \
         _new(model_name, run_dir, size, model_overrides, train_overrides)
     cfg = plan.cfg
+    if cfg.batch_size % distributed.world_size():
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {distributed.world_size()} processes "
+                          "(it is the global batch; each process trains on an equal share of it)")
     if cfg.dataset not in data.DATASETS:
         raise ConfigError(f"dataset must be one of {sorted(data.DATASETS)}, found {cfg.dataset!r}")
     plan.train_data = data.load_split(cfg.dataset, "train", cfg.val_size, data_root)
@@ -132,6 +135,11 @@ def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides
         raise ConfigError(
             f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
         )
+    trained_on, now = state.get("world_size", 1), distributed.world_size()
+    if trained_on != now:  # each rank's share of a batch, so the float rounding and batch-norm statistics, would change
+        launch = f"torchrun --nproc_per_node {trained_on}" if trained_on > 1 else "one process, without torchrun"
+        raise ConfigError(f"--resume: {run_dir.path} was trained on {trained_on} process(es), not {now}; "
+                          f"resume it the same way ({launch}) to continue it exactly")
     # A time budget belongs to one invocation: a resumed run has none unless given again.
     resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
     cfg = apply_overrides(stored, {"max_minutes": None, **resumable})
@@ -177,18 +185,30 @@ def train(
 
 def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True) -> Path:
     """Trains a run that `plan_run` checked (see `train`); returns its directory."""
-    dev = resolve_device(device)
+    dev = distributed.device_for(resolve_device(device))
     run_dir = plan.run_dir
-    with run_dir.lock():
-        if plan.note:
-            print(plan.note, file=sys.stderr)
-        if plan.state is not None:  # another process may have trained on since the plan was made
-            path, plan.state, damaged = run_dir.newest_intact()
-            run_dir.resume_from(path, damaged, lambda line: print(line, file=sys.stderr))
-        try:
-            _train(plan, dev, progress)
-        except WriteError as e:
-            raise TrainingError(f"cannot write {e.filename}: {e.strerror}; {_last_good(run_dir)}") from None
+    run_dir.writer = distributed.is_main()
+    joined = distributed.start(dev)  # under torchrun: returns once every rank has planned the run
+    try:
+        with run_dir.lock():
+            if plan.note and run_dir.writer:
+                print(plan.note, file=sys.stderr)
+            if plan.state is not None:  # another process may have trained on since the plan was made
+                if run_dir.writer:
+                    path, plan.state, damaged = run_dir.newest_intact()
+                    run_dir.resume_from(path, damaged, lambda line: print(line, file=sys.stderr))
+                distributed.barrier()  # the other ranks read the checkpoint rank 0 chose, once it has moved damaged ones aside
+                if not run_dir.writer:
+                    plan.state = run_dir.newest_intact()[1]
+            try:
+                _train(plan, dev, progress and run_dir.writer)
+            except WriteError as e:
+                raise TrainingError(f"cannot write {e.filename}: {e.strerror}; {_last_good(run_dir)}") from None
+            except distributed.DistributedError as e:
+                raise TrainingError(f"{e}; {_last_good(run_dir)}") from None
+    finally:
+        if joined:
+            distributed.stop()
     return run_dir.path
 
 
@@ -222,7 +242,8 @@ def _train(plan: RunPlan, device: torch.device, progress: bool) -> None:
         run_dir.forget_metrics_after(state["step"])
     else:
         run_dir.create()
-    run = {**plan.record(), "hardware": describe(device)}
+    processes = distributed.world_size()
+    run = {**plan.record(), "hardware": describe(device) + (f", {processes} processes (torchrun)" if processes > 1 else "")}
     run_dir.write_config(run)
     console = Console(progress)
     ctx = Context(run, cfg, model, device, plan.train_data, plan.val_data, state, run_dir, budget, faults, console)

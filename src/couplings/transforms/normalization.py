@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from couplings import distributed
 from couplings.transforms.base import Transform
 
 __all__ = ["ActNorm", "BatchNormFlow"]
@@ -68,7 +69,8 @@ class BatchNormFlow(Transform):
 
 class ActNorm(Transform):
     """Per-channel ``z = (x + bias) * exp(log_scale)``, initialised from the first batch it sees
-    so that the outputs have zero mean and unit variance per channel. The ``initialized`` flag is
+    so that the outputs have zero mean and unit variance per channel (under torchrun, of the
+    global batch: the statistics are averaged over the ranks' shares). The ``initialized`` flag is
     a buffer, so a loaded model never re-initialises.
 
     References:
@@ -83,8 +85,12 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        if distributed.world_size() == 1:
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        else:  # the statistics of the global batch, from every rank's equal share of it
+            mean = distributed.mean_over_ranks(x.mean(dim=(0, 2, 3), keepdim=True))
+            std = distributed.mean_over_ranks((x - mean).square().mean(dim=(0, 2, 3), keepdim=True)).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(True)
