@@ -247,16 +247,18 @@ def test_sigint_to_the_torchrun_group_checkpoints_once_and_the_run_resumes(tiny,
     assert checkpoint.load(run / "last.pt")["epoch"] == state["epoch"] + 1
 
 
-def test_a_fault_on_one_rank_is_skipped_on_both_and_the_ranks_stay_in_sync(tiny, tmp_path):
+@pytest.mark.parametrize("model", ["nice", "realnvp"])  # Real NVP: per-rank batch norm, running averages from rank 0
+def test_a_fault_on_one_rank_is_skipped_on_both_and_the_ranks_stay_in_sync(model, tiny, tmp_path):
     run = tmp_path / "run"
     prelude = ("def on_step(n, objective):\n    return objective * float('nan') if RANK == 1 and n in (3, 8) else objective\n"
                + _STEP_HOOK + _DUMP_WEIGHTS)
-    result = _torchrun(tmp_path, tiny, ["train", "nice", "--out", str(run), *TINY, "--epochs", "2"], prelude,
+    options = TINY if model == "nice" else [*TINY[:4], *TINY[6:]]  # hidden_units is NICE's
+    result = _torchrun(tmp_path, tiny, ["train", model, "--out", str(run), *options, "--epochs", "2"], prelude,
                        env={"DUMP": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped_steps"] for m in metrics] == [1, 1]  # step 3 in epoch 1, step 8 in epoch 2
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]  # weights and buffers
     _assert_same_weights(ranks[0], ranks[1], rtol=0, atol=0)
     assert checkpoint.load(run / "last.pt")["step"] == 12
 
