@@ -16,7 +16,7 @@ import torch
 
 from couplings import __version__, checkpoint, data, distributed
 from couplings.checkpoint import CheckpointError
-from couplings.config import ConfigError, TrainConfig, split_overrides
+from couplings.config import ConfigError, TrainConfig, apply_overrides, option_lines, split_overrides
 from couplings.data import DatasetError
 from couplings.evaluation import evaluate_checkpoint
 from couplings.hardware import resolve_device
@@ -128,6 +128,13 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training option, e.g. hidden_units=64 or size=small")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also log to RUN/tensorboard/ (needs: pip install 'couplings[tensorboard]')")
+
+    c = commands.add_parser("config", help="print every option of a model and its training, as --set lines")
+    c.add_argument("model", choices=sorted(MODELS))
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="as for train, e.g. size=small or hidden_units=64")
 
     e = commands.add_parser("eval", help="test bits/dim of a run or checkpoint; writes eval.json")
     _add_model_source(e)
@@ -204,9 +211,28 @@ def _cmd_train(args) -> int:
                     resume=args.resume)
     if args.out is None:
         print(f"run directory: {out}", file=sys.stderr)
-    run_plan(plan, device=args.device, progress=not args.quiet)
+    run_plan(plan, device=args.device, progress=not args.quiet, tensorboard=args.tensorboard)
     if distributed.is_main():
         print(out)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    """Prints the options `train` would use with these --set lines: model, then training."""
+    entry = MODELS[args.model]
+    size, model_overrides, train_overrides = split_overrides(args.overrides, entry.config, entry.train_config, args.model)
+    size = size or next(iter(entry.presets))
+    if size not in entry.presets:
+        raise ConfigError(f"size must be one of {sorted(entry.presets)} for {args.model}, found {size!r}")
+    preset_model, preset_train = entry.preset(size)
+    model = apply_overrides(entry.config(), {**preset_model, **model_overrides})
+    train = apply_overrides(entry.train_config(), {**preset_train, **train_overrides})
+    print(f"# couplings train {args.model}: size={size} (sizes: {', '.join(entry.presets)})")
+    print(f"--set size={size}")
+    print(f"# model options ({entry.config.__name__})")
+    print("\n".join(option_lines(model, entry.config(), preset_model, model_overrides, size)))
+    print(f"# training options ({entry.train_config.__name__}); --epochs, --batch-size, ... set the same fields")
+    print("\n".join(option_lines(train, entry.train_config(), preset_train, train_overrides, size)))
     return 0
 
 
@@ -360,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line  # one plain line, like the errors
     parser = _build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "interpolate": _cmd_interpolate,
+    commands = {"train": _cmd_train, "config": _cmd_config, "eval": _cmd_eval, "sample": _cmd_sample,
+                "interpolate": _cmd_interpolate,
                 "compare": _cmd_compare, "data": _cmd_data}
     rank = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""  # under torchrun, whose line it is
     try:

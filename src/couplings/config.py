@@ -18,7 +18,9 @@ __all__ = [
     "RealNVPTrainConfig",
     "TrainConfig",
     "apply_overrides",
+    "format_value",
     "from_stored",
+    "option_lines",
     "parse_value",
     "split_overrides",
 ]
@@ -256,3 +258,27 @@ def apply_overrides(config: Any, overrides: dict) -> Any:
         return dataclasses.replace(config, **overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+
+
+def format_value(value: Any) -> str:
+    """A value as ``--set key=VALUE`` writes it (the inverse of `parse_value`)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+def option_lines(config: Any, default: Any, preset: dict, given: dict, preset_name: str) -> list[str]:
+    """One ``--set key=value`` line per field of dataclass ``config``, aligned, each with a
+    comment: the default, and whether the value comes from the preset or was given."""
+    pairs = [(f"--set {f.name}={format_value(getattr(config, f.name))}", f.name) for f in fields(config)]
+    width = max(len(line) for line, _ in pairs)
+    lines = []
+    for line, key in pairs:
+        origin = "given" if key in given else f"size={preset_name}" if key in preset else ""
+        note = f"default {format_value(getattr(default, key))}" + (f"; {origin}" if origin else "")
+        lines.append(f"{line.ljust(width)}  # {note}")
+    return lines

@@ -10,6 +10,7 @@ A run directory holds:
   an append) is dropped with a warning, any other bad line is an error naming its number;
 - ``samples/epoch_NNNN.png``: a grid of samples after each epoch;
 - ``eval.json``: evaluations by split and temperature (``couplings eval``, ``couplings compare``);
+- ``tensorboard/``: TensorBoard event files, for a run trained with ``--tensorboard``;
 - ``.lock``: held (``flock``) by the process training into the directory.
 
 Every file is written through `couplings.files.atomic_write` (``metrics.jsonl`` through
@@ -67,6 +68,7 @@ class RunDir:
     """
 
     CONFIG, METRICS, SAMPLES, EVAL, LOCK = "config.json", "metrics.jsonl", "samples", "eval.json", ".lock"
+    TENSORBOARD = "tensorboard"
 
     def __init__(self, path: str | os.PathLike, writer: bool = True):
         self.path = Path(path)

@@ -75,7 +75,7 @@ def fit(ctx: Context) -> None:
         with torch.no_grad():
             originals = val_images[:32]
             pairs = torch.stack([originals, ae.decode(ae.encode(originals))], 1).flatten(0, 1)
-        ctx.run_dir.save_samples(pairs, this.index, nrow=8)
+        ctx.save_samples(pairs, this.index, step, nrow=8)
         stage = "flow" if ae_epoch >= cfg.ae_epochs else "autoencoder"
         fields = ae_fields(step) if stage == "autoencoder" else {**ae_fields(step), "stage": "flow", "optimizer_state": None}
         ctx.checkpoint({**fields, **({} if this.complete else this.position())}, best=False)
@@ -117,7 +117,7 @@ def fit(ctx: Context) -> None:
                  "seconds": seconds, "images_per_s": seen / seconds, "skipped_steps": this.skipped,
                  "rollbacks": ctx.faults.rollbacks})
         grid_labels = torch.arange(10 * 8, device=dev) // 8 % model.num_classes
-        ctx.run_dir.save_samples(model.sample(len(grid_labels), grid_labels if conditional else None), this.index)
+        ctx.save_samples(model.sample(len(grid_labels), grid_labels if conditional else None), this.index, step)
         ctx.checkpoint({**flow_fields(step), **({} if this.complete else this.position())}, best=improved)
         ctx.console.say(f"flow epoch {this.index - cfg.ae_epochs}: train NLL {train_nll:.3f}, val NLL {val_nll:.3f} nats"
                        f"{' (best)' if improved else ''}, {seconds:.1f} s")

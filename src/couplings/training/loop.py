@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from couplings import distributed
 from couplings.config import ConfigError, TrainConfig
+from couplings.images import grid
 from couplings.rundir import RunDir
+from couplings.tensorboard import TensorBoard
 from couplings.training.errors import StoppedBySignal, TrainingError
 from couplings.training.faults import FaultCounter, locate_fault, rng_states
 from couplings.training.optim import EMA, lr_factor, optimizer_step
@@ -161,6 +163,7 @@ class Context:
     budget: Budget
     faults: FaultCounter
     console: Console
+    tensorboard: TensorBoard | None = None  # rank 0 of a run trained with --tensorboard
 
     def checkpoint(self, fields: dict, *, best: bool) -> None:
         """Writes ``last.pt`` (and ``best.pt`` when ``best``): the run, the model, every random
@@ -182,8 +185,19 @@ class Context:
         }, best=best)
 
     def log(self, record: dict) -> None:
-        """Appends an epoch's line to ``metrics.jsonl``, with the run's elapsed seconds."""
-        self.run_dir.append_metrics({**record, "elapsed": self.budget.elapsed()})
+        """Appends an epoch's line to ``metrics.jsonl``, with the run's elapsed seconds (and
+        logs its numbers to TensorBoard)."""
+        record = {**record, "elapsed": self.budget.elapsed()}
+        self.run_dir.append_metrics(record)
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(record)
+
+    def save_samples(self, images: torch.Tensor, index: int, step: int, nrow: int = 8) -> None:
+        """Writes ``samples/epoch_NNNN.png`` (and the grid to TensorBoard) for pass ``index``."""
+        self.run_dir.save_samples(images, index, nrow=nrow)
+        if self.tensorboard is not None:
+            picture = torch.from_numpy(grid(images, nrow)).float() / 255
+            self.tensorboard.samples(picture.unsqueeze(0) if picture.dim() == 2 else picture.permute(2, 0, 1), step)
 
 
 Objective = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -213,14 +227,18 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
             idx = this.batches[this.next]
             loss, total = objective(idx, this.generator)
             factor = lr_factor(cfg, step, len(this.batches)) * ctx.faults.lr_scale
-            good = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
+            grad_norm = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
+            good = grad_norm is not None
             distributed.broadcast_buffers(ctx.model)  # batch-norm running averages: rank 0's
             step, this.next = step + 1, this.next + 1
             bar.update()
             if good:
                 if ema is not None:
                     ema.update(ctx.model, step)
-                this.total, this.seen = this.total + distributed.average(loss) * len(idx), this.seen + len(idx)
+                value = distributed.average(loss)  # the global batch's mean
+                this.total, this.seen = this.total + value * len(idx), this.seen + len(idx)
+                if ctx.tensorboard is not None:
+                    ctx.tensorboard.step(step, value, optimizer.param_groups[0]["lr"], grad_norm)
             else:
                 this.skipped += 1
                 ctx.console.say(f"step {step}: non-finite loss or gradient, step skipped")

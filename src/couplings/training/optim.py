@@ -99,11 +99,11 @@ class EMA:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, objective: torch.Tensor, *, grad_clip: float | None,
-                   lr_factor: float) -> bool:
+                   lr_factor: float) -> float | None:
     """One update, or none: a non-finite objective or gradient norm skips the step (the weights
-    and the optimizer state stay as they were) and returns False. Otherwise the gradient norm is
-    clipped at ``grad_clip`` (if set) and each group steps at its initial learning rate times
-    ``lr_factor``.
+    and the optimizer state stay as they were) and returns None. Otherwise the gradient norm is
+    clipped at ``grad_clip`` (if set), each group steps at its initial learning rate times
+    ``lr_factor``, and the gradient norm (before clipping) is returned.
 
     Under torchrun the gradients are first averaged over the ranks, and a step that is not
     finite on one rank is skipped on all. The finiteness check is the step's one host
@@ -123,9 +123,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, objective: torch.Tensor, *,
         finite = torch.isfinite(norm)
     if not finite:
         optimizer.zero_grad(set_to_none=True)
-        return False
+        return None
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])  # kept in the optimizer's state_dict
         group["lr"] = group["base_lr"] * lr_factor
     optimizer.step()
-    return True
+    return norm.item()

@@ -76,7 +76,7 @@ def fit(ctx: Context) -> None:
             "rollbacks": ctx.faults.rollbacks,
             "lr_scale": ctx.faults.lr_scale,
         })
-        ctx.run_dir.save_samples(samples, this.index)
+        ctx.save_samples(samples, this.index, step)
         ctx.checkpoint({**fields(step), **({} if this.complete else this.position())}, best=improved)
         ctx.console.say(
             f"epoch {this.index}: train {train_bpd:.4f} bpd, val {val_bpd:.4f} bpd{' (best)' if improved else ''}, "

@@ -20,6 +20,7 @@ from couplings.files import WriteError
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS, Flow, build_model
 from couplings.rundir import RunDir
+from couplings.tensorboard import TensorBoard, check_available
 from couplings.training.errors import TrainingError
 from couplings.training.faults import FaultCounter, NumericalFault, roll_back, set_rng_states
 from couplings.training.loop import Budget, Console, Context
@@ -157,6 +158,7 @@ def train(
     resume: bool = False,
     data_root=None,
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> Path:
     """Trains ``model_name`` into run directory ``out`` and returns ``out``.
 
@@ -180,11 +182,14 @@ def train(
     """
     plan = plan_run(model_name, out, train_overrides=train_overrides, model_overrides=model_overrides, size=size,
                     resume=resume, data_root=data_root)
-    return run_plan(plan, device=device, progress=progress)
+    return run_plan(plan, device=device, progress=progress, tensorboard=tensorboard)
 
 
-def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True) -> Path:
-    """Trains a run that `plan_run` checked (see `train`); returns its directory."""
+def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True, tensorboard: bool = False) -> Path:
+    """Trains a run that `plan_run` checked (see `train`; ``tensorboard``: also log to
+    ``RUN/tensorboard/``, `couplings.tensorboard`); returns its directory."""
+    if tensorboard:
+        check_available()
     dev = distributed.device_for(resolve_device(device))
     run_dir = plan.run_dir
     run_dir.writer = distributed.is_main()
@@ -201,7 +206,7 @@ def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True) -> P
                 if not run_dir.writer:
                     plan.state = run_dir.newest_intact()[1]
             try:
-                _train(plan, dev, progress and run_dir.writer)
+                _train(plan, dev, progress and run_dir.writer, tensorboard and run_dir.writer)
             except WriteError as e:
                 raise TrainingError(f"cannot write {e.filename}: {e.strerror}; {_last_good(run_dir)}") from None
             except distributed.DistributedError as e:
@@ -226,7 +231,7 @@ def _last_good(run_dir: RunDir) -> str:
             else "no checkpoint had been written yet")
 
 
-def _train(plan: RunPlan, device: torch.device, progress: bool) -> None:
+def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: bool) -> None:
     cfg, state, run_dir, model = plan.cfg, plan.state, plan.run_dir, plan.model_object
     model.to(device).train()
     faults = FaultCounter(cfg.max_bad_steps)
@@ -246,15 +251,20 @@ def _train(plan: RunPlan, device: torch.device, progress: bool) -> None:
     run = {**plan.record(), "hardware": describe(device) + (f", {processes} processes (torchrun)" if processes > 1 else "")}
     run_dir.write_config(run)
     console = Console(progress)
-    ctx = Context(run, cfg, model, device, plan.train_data, plan.val_data, state, run_dir, budget, faults, console)
+    board = TensorBoard(run_dir.path / run_dir.TENSORBOARD, None if state is None else state["step"] + 1) if tensorboard else None
+    ctx = Context(run, cfg, model, device, plan.train_data, plan.val_data, state, run_dir, budget, faults, console, board)
     if state is None:
         ctx.checkpoint({"epoch": 0, "step": 0}, best=False)  # something to resume or roll back to at once
     trainer = importlib.import_module(f"couplings.training.{MODELS[plan.model].trainer}")
-    with budget.stop_on_signals(run_dir, console):
-        while True:
-            try:
-                trainer.fit(ctx)
-                break
-            except NumericalFault as fault:  # continue from last.pt with a lower learning rate, or raise
-                ctx.state = roll_back(fault, faults, run_dir, model, cfg.max_rollbacks, cfg.rollback_lr_factor)
-                console.say(f"{fault}; rolled back to step {ctx.state['step']} with the learning rate x{faults.lr_scale:g}")
+    try:
+        with budget.stop_on_signals(run_dir, console):
+            while True:
+                try:
+                    trainer.fit(ctx)
+                    break
+                except NumericalFault as fault:  # continue from last.pt with a lower learning rate, or raise
+                    ctx.state = roll_back(fault, faults, run_dir, model, cfg.max_rollbacks, cfg.rollback_lr_factor)
+                    console.say(f"{fault}; rolled back to step {ctx.state['step']} with the learning rate x{faults.lr_scale:g}")
+    finally:
+        if board is not None:
+            board.close()
