@@ -137,6 +137,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     Returns:
         The model in eval mode on ``device``, and the checkpoint dict.
+
+    Examples:
+        One of the pretrained models shipped in the package:
+
+        >>> from couplings import load_model
+        >>> from couplings.checkpoint import pretrained_path
+        >>> model, checkpoint = load_model(pretrained_path("nice-small-mnist"))
+        >>> type(model).__name__, checkpoint["model"], checkpoint["size"], model.training
+        ('NICE', 'nice', 'small', False)
+        >>> model.sample(2).shape
+        torch.Size([2, 1, 28, 28])
     """
     payload = load(path)
     try:

@@ -80,6 +80,18 @@ class Glow(MultiScaleFlow):
     and ``transform``, ``inverse`` and ``sample`` take labels. ``net``, ``scale`` and
     ``dequantization`` offer the same fast-learning options as `RealNVP`.
 
+    Examples:
+        A two-step, class-conditional Glow on 3x8x8 images (the sides must halve ``levels`` times):
+
+        >>> import torch
+        >>> from couplings import Glow
+        >>> model = Glow(image_shape=(3, 8, 8), levels=2, steps=2, hidden=8, blocks=0, num_classes=10)
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> model.log_prob(x, y).shape
+        torch.Size([4])
+        >>> model.sample(4, y).shape
+        torch.Size([4, 3, 8, 8])
+
     References:
         Kingma and Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """

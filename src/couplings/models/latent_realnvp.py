@@ -84,6 +84,21 @@ class LatentRealNVP(Flow):
     latents of their embeddings, ``inverse`` decodes latents to images in [0, 1]; both log-dets
     are the flow's alone (the autoencoder is not invertible). Built from a
     `LatentRealNVPConfig` and/or its fields as keywords.
+
+    Examples:
+        A small class-conditional model: the density is of each image's 20-d embedding given its
+        label, and sampling without labels cycles through the digits.
+
+        >>> import torch
+        >>> from couplings import LatentRealNVP
+        >>> model = LatentRealNVP(couplings=2, hidden_units=16)
+        >>> model.has_pixel_density
+        False
+        >>> x, y = torch.rand(3, 1, 28, 28), torch.tensor([7, 0, 3])
+        >>> model.log_prob(x, y).shape
+        torch.Size([3])
+        >>> model.sample(4).shape
+        torch.Size([4, 1, 28, 28])
     """
 
     has_pixel_density = False

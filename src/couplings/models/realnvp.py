@@ -63,6 +63,23 @@ class RealNVP(MultiScaleFlow):
     (``scale="bounded"``) and variational dequantization (``dequantization="variational"``), the
     ingredients of Flow++ and of fast-learning small flows.
 
+    Examples:
+        A narrow Real NVP (8 channels, one residual block per network) on MNIST-shaped images:
+
+        >>> import torch
+        >>> from couplings import RealNVP
+        >>> model = RealNVP(hidden=8, blocks=1).eval()
+        >>> x = torch.rand(3, 1, 28, 28)
+        >>> model.log_prob(x).shape
+        torch.Size([3])
+        >>> z, logabsdet = model.transform(x)
+        >>> z.shape
+        torch.Size([3, 784])
+        >>> torch.allclose(model.inverse(z)[0], x, atol=1e-4)
+        True
+        >>> model.sample(2).shape
+        torch.Size([2, 1, 28, 28])
+
     References:
         Dinh, Sohl-Dickstein and Bengio, "Density estimation using Real NVP", 2017.
     """
