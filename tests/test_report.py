@@ -18,6 +18,7 @@ from couplings.report import collect as report_collect
 from couplings.cli import main
 from couplings.evaluation import NO_PIXEL_BPD
 from couplings.report import HEADERS, RunSummary, table
+from couplings.report.table import COST, QUALITY
 
 ARTIFACTS = Path(os.environ.get("COUPLINGS_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 COMMON = ["--dataset", "tiny", "--set", "val_size=50", "--set", "samples_per_epoch=4", "--device", "cpu", "--quiet"]
@@ -89,9 +90,12 @@ def test_report_table_matches_eval_json(built_report, monkeypatch):
         assert (out / name).is_file(), name
     parser = _Tables()
     parser.feed((out / "report.html").read_text())
-    header, *rows = parser.tables["results"]
-    assert header == HEADERS and len(rows) == 2  # the two NICE seeds share a row
-    cells = [dict(zip(header, row)) for row in rows]
+    quality, *quality_rows = parser.tables["quality"]
+    cost, *cost_rows = parser.tables["cost"]
+    assert quality == QUALITY and cost == COST and len(quality_rows) == len(cost_rows) == 2  # the NICE seeds share a row
+    assert len(quality) <= 10 and len(cost) <= 8  # readable without scrolling sideways
+    cells = [dict(zip(quality + cost, q + c)) for q, c in zip(quality_rows, cost_rows)]
+    assert all(q[0] == c[0] for q, c in zip(quality_rows, cost_rows))  # both tables name the runs in the same order
     evals = [json.loads((run / "eval.json").read_text())["test"] for run in runs]
     for entry in evals:
         assert len(entry["bits_per_dim_draws"]) == 2 and entry["bits_per_dim_draws"][0] == entry["bits_per_dim"]
@@ -170,10 +174,15 @@ def test_report_renders_in_a_real_browser(built_report):
         browser.get((out / "report.html").resolve().as_uri())
         widths = browser.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);")
-        rows = browser.execute_script("return document.querySelectorAll('table#results tbody tr').length;")
+        rows = browser.execute_script("return document.querySelectorAll('table#quality tbody tr').length;")
+        # How far each results table would scroll sideways in the browser window (1400 px wide).
+        overflow = browser.execute_script(
+            "return ['quality', 'cost'].map(id => { const d = document.getElementById(id).parentElement;"
+            " return d.scrollWidth - d.clientWidth; });")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "report.png"))
     finally:
         browser.quit()
     assert len(widths) >= 5 and all(w > 0 for w in widths), widths  # curves, 2 sample grids, 1 strip, ood
     assert rows == 2
+    assert overflow == [0, 0], overflow

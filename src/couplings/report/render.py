@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from couplings.files import atomic_write
 from couplings.report.figures import TEMPERATURES
-from couplings.report.table import CONVERSION, HEADERS, published_anchors
+from couplings.report.table import CONVERSION, COST, QUALITY, columns, published_anchors
 
 if TYPE_CHECKING:
     from couplings.report.collect import Report, RunSummary
@@ -56,7 +56,10 @@ def _sections(report: Report, meta: dict) -> list[tuple[str, list]]:
             f"the features of the project's own classifier (not Inception; they compare only with each other). "
             f"Spread: standard deviation of test bits/dim over {meta['draws']} dequantization draws. Timings "
             f"(median of 5 after a warm-up) on {meta['device']}.",
-            (HEADERS, report.rows, "results"),
+            "What each model reaches:",
+            (QUALITY, columns(report.rows, QUALITY), "quality"),
+            "What it cost:",
+            (COST, columns(report.rows, COST), "cost"),
         ]),
         ("Published anchors", [CONVERSION, (["model", "test bits/dim", "test log-likelihood (nats)", "source"],
                                             published_anchors(), "anchors")]),

@@ -1,4 +1,5 @@
-"""The report's tables: one row per recipe (seeds aggregated), and the published anchors."""
+"""The report's tables: one row per recipe (seeds aggregated), shown as a quality table and a
+cost table, and the published anchors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from couplings.models import PUBLISHED
 if TYPE_CHECKING:
     from couplings.report.collect import RunSummary
 
-__all__ = ["CONVERSION", "HEADERS", "published_anchors", "table"]
+__all__ = ["CONVERSION", "COST", "HEADERS", "QUALITY", "columns", "published_anchors", "table"]
 
 
 HEADERS = [
@@ -21,6 +22,21 @@ HEADERS = [
     "training wall-clock", "epochs", "training hardware", "training images/s", "sampling s / 64 images",
     "inference s / 64 images",
 ]
+
+
+# The two tables the report shows (one wide table of every column scrolls sideways): what the
+# models reach, and what they cost. Each starts with the run's name.
+QUALITY = ["run", "model", "dataset", "test bits/dim", "test log-likelihood (nats)", "bits/dim std over dequantization draws",
+           "FID", "KID", "conditional accuracy", "nearest-train L2"]
+COST = ["run", "parameters", "training wall-clock", "epochs", "training hardware", "training images/s",
+        "sampling s / 64 images", "inference s / 64 images"]
+assert set(QUALITY) | set(COST) == set(HEADERS)
+
+
+def columns(rows: list[list[str]], names: list[str]) -> list[list[str]]:
+    """The cells of ``rows`` (in `HEADERS` order) under the headers ``names``."""
+    index = [HEADERS.index(name) for name in names]
+    return [[row[i] for i in index] for row in rows]
 
 
 def _epochs(history: list[dict]) -> str:
