@@ -70,6 +70,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def _dataset(text: str) -> str:
+    if text in data.DATASETS or data.is_path_dataset(text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(data.DATASETS))}, "
+                                     f"or give {data.OWN_DATASET})")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -110,7 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     t = commands.add_parser("train", help="train a model into a run directory")
     t.add_argument("model", choices=sorted(MODELS))
-    t.add_argument("--dataset", choices=sorted(data.DATASETS))
+    t.add_argument("--dataset", type=_dataset, metavar="NAME_OR_PATH",
+                   help=f"{', '.join(sorted(data.DATASETS))}, or {data.OWN_DATASET} (docs/own-data.md)")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
     t.add_argument("--max-minutes", type=_positive_float, help="stop after this much wall-clock in this invocation")
@@ -203,7 +211,7 @@ def _cmd_train(args) -> int:
             raise ConfigError("--resume needs --out pointing at the run to continue")
         if distributed.world_size() > 1:  # a name from the clock could differ between the processes
             raise ConfigError("under torchrun, give --out: every process must name the same run directory")
-        dataset = train_overrides.get("dataset", TrainConfig.dataset)
+        dataset = data.short_name(train_overrides.get("dataset", TrainConfig.dataset))
         out = Path("runs") / f"{args.model}-{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     _check_writable_dir(out, "--out")
     # Everything is checked (options, run directory, checkpoint, data) before anything is printed or written.
@@ -346,7 +354,7 @@ def _cmd_interpolate(args) -> int:
     images, _ = data.load(train_config.get("dataset", "mnist"), "test")
     generator = torch.Generator().manual_seed(args.seed)
     chosen = torch.randperm(len(images), generator=generator)[: 2 * args.pairs]
-    x = dequantize(torch.as_tensor(images[chosen.numpy()]).unsqueeze(1), generator).to(device)
+    x = dequantize(torch.as_tensor(data.with_channels(images[chosen.numpy()])), generator).to(device)
     x = x.to(model.prior.dtype)
     grid = interpolate(model, x[: args.pairs], x[args.pairs :], args.steps)
     save_grid(grid, output, nrow=args.steps)

@@ -11,7 +11,7 @@ import torch
 from couplings import checkpoint, metrics
 from couplings.classifier import load_classifier
 from couplings.config import TrainConfig
-from couplings.data import load_split
+from couplings.data import fingerprint, is_path_dataset, load_split, with_channels
 from couplings.hardware import describe
 from couplings.likelihood import dequantize, log_probs, nats_to_bits_per_dim
 from couplings.models import MODELS
@@ -24,12 +24,12 @@ NO_PIXEL_BPD = "latent density: no pixel bits/dim"
 
 @torch.inference_mode()
 def reconstruction_error(model, images, *, labels=None, batch_size: int = 1000, seed: int = 0) -> float:
-    """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W)), given
-    their ``labels`` for a class-conditional model."""
+    """``max |inverse(transform(x)) - x|`` over dequantized ``images`` (uint8, (N, H, W) or
+    (N, C, H, W)), given their ``labels`` for a class-conditional model."""
     device = model.prior.device
     dtype = model.prior.dtype
     generator = torch.Generator(device=device).manual_seed(seed)
-    pixels = torch.as_tensor(images).unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    pixels = torch.as_tensor(with_channels(images))  # (N, C, H, W)
     model.eval()
     worst = 0.0
     for start in range(0, len(pixels), batch_size):
@@ -59,7 +59,8 @@ def evaluate_checkpoint(
     which: the dequantization bound of one draw, or (``importance_samples`` K > 1) the
     importance-weighted estimate over K draws; latent models get their latent NLL and
     ``bits_per_dim: None`` with the reason. With ``samples > 0`` and a committed classifier for
-    the dataset, the sample-quality metrics of `couplings.metrics` are added.
+    the dataset, the sample-quality metrics of `couplings.metrics` are added; for a dataset of
+    one's own they are skipped with the reason, and its ``dataset_sha256`` is recorded.
     """
     started = time.perf_counter()
     model, state = checkpoint.load_model(path, device)
@@ -79,6 +80,8 @@ def evaluate_checkpoint(
         "training_seconds": state.get("elapsed"),
         "training_hardware": state.get("hardware"),
     }
+    if is_path_dataset(dataset):
+        result["dataset_sha256"] = fingerprint(dataset)
     if model.has_pixel_density:
         given = labels if model.conditional else None
         lp = log_probs(model, images, batch_size=batch_size, seed=seed, importance_samples=importance_samples,
@@ -103,7 +106,7 @@ def evaluate_checkpoint(
             result["published_source"] = (published.source if published.unit == "bits/dim"
                                           else f"{published.source}: {published.value:g} {published.unit}")
     else:
-        pixels = torch.as_tensor(images).unsqueeze(1).float().div(255).to(device)  # (N, H, W) -> (N, 1, H, W)
+        pixels = torch.as_tensor(with_channels(images)).float().div(255).to(device)  # (N, C, H, W)
         y = torch.as_tensor(labels).long().to(device)
         with torch.inference_mode():
             nll = torch.cat([-model.log_prob(pixels[i : i + batch_size], y[i : i + batch_size]).double().cpu()
@@ -114,7 +117,10 @@ def evaluate_checkpoint(
             "latent_nll_nats": float(nll.mean()),
             "latent_dimensions": model.config.embedding_dim,
         })
-    if samples > 0:
+    if samples > 0 and is_path_dataset(dataset):
+        result["sample_quality"] = {"skipped": "FID, KID, precision and recall use the features of a classifier of "
+                                               f"MNIST or Fashion-MNIST images; there is none for {dataset}"}
+    elif samples > 0:
         try:
             classifier = load_classifier(dataset, device)
         except FileNotFoundError as e:

@@ -7,6 +7,7 @@ Imports nothing from training, data, the CLI or the report (trainers are named, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -67,6 +68,24 @@ PUBLISHED = [
 _BY_NAME = {p.name: p for p in PUBLISHED}
 
 
+def _image_shape_options(image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Real NVP and Glow take images of any shape whose sides their squeezes can halve."""
+    return {"image_shape": tuple(image_shape)}
+
+
+def _nice_shape_options(image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """NICE flattens its images: ``dim`` pixels, given back in ``image_shape``."""
+    return {"dim": math.prod(image_shape), "image_shape": tuple(image_shape)}
+
+
+def _latent_shape_options(image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The latent model's autoencoder takes square grayscale images."""
+    c, h, w = image_shape
+    if c != 1 or h != w:
+        raise ValueError(f"its autoencoder takes square grayscale images (1xSxS, S a multiple of 4), found {c}x{h}x{w}")
+    return {"image_size": h}
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """Everything that is known about one model by name.
@@ -80,6 +99,8 @@ class ModelEntry:
             an option it does not have is refused, never ignored.
         trainer: The module of `couplings.training` that trains it ("pixel" or "latent").
         published: The paper's MNIST figure, if any.
+        shape_options: (C, H, W) of a dataset's images -> the config options that make the model
+            take them; raises ValueError for a shape it cannot take.
     """
 
     cls: type
@@ -88,6 +109,7 @@ class ModelEntry:
     train_config: type[TrainConfig] = PixelTrainConfig
     trainer: str = "pixel"
     published: Published | None = None
+    shape_options: Callable[[tuple[int, int, int]], dict[str, Any]] = _image_shape_options
 
     def preset(self, size: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """A preset split into (model config overrides, training option overrides)."""
@@ -108,13 +130,14 @@ LATENT_REALNVP_PRESETS = {
 }
 
 MODELS: dict[str, ModelEntry] = {
-    "nice": ModelEntry(NICE, NICEConfig, NICE_PRESETS, published=_BY_NAME["NICE"]),
+    "nice": ModelEntry(NICE, NICEConfig, NICE_PRESETS, published=_BY_NAME["NICE"], shape_options=_nice_shape_options),
     "latent-realnvp": ModelEntry(
         LatentRealNVP,
         LatentRealNVPConfig,
         LATENT_REALNVP_PRESETS,
         LatentTrainConfig,
         trainer="latent",
+        shape_options=_latent_shape_options,
     ),
     "realnvp": ModelEntry(RealNVP, RealNVPConfig, REALNVP_PRESETS, RealNVPTrainConfig,
                           published=_BY_NAME["Real NVP (multi-scale)"]),

@@ -51,7 +51,7 @@ class GlowConfig:
         if self.num_classes < 0 or self.dequant_hidden < 1:
             raise ValueError(f"need num_classes >= 0 and dequant_hidden >= 1; found {self.num_classes}, {self.dequant_hidden}")
         check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"))
-        check_image_shape(self.image_shape, self.levels)
+        check_image_shape(self.image_shape, self.levels, "levels")
 
 
 # "fast": measured with benchmarks/learning_curve.py (results/curves/xeon/glow-fast-25min.jsonl):

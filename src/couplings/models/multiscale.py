@@ -78,12 +78,16 @@ class MultiScaleFlow(Flow):
         return x, logabsdet + ld
 
 
-def check_image_shape(image_shape: tuple[int, ...], halvings: int) -> tuple[int, int, int]:
-    """(C, H, W) whose sides divide by 2 ``halvings`` times, else a clear error."""
+def check_image_shape(image_shape: tuple[int, ...], halvings: int, option: str = "halvings") -> tuple[int, int, int]:
+    """(C, H, W) whose sides divide by 2 ``halvings`` times, else a clear error naming the
+    config ``option`` that sets ``halvings`` (one squeeze each)."""
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, found {image_shape}")
     c, h, w = image_shape
     if h % 2**halvings or w % 2**halvings:
-        raise ValueError(f"image sides must divide by 2^{halvings} = {2**halvings} for {halvings} squeezes, found {h}x{w}")
+        fits = max(k for k in range(halvings) if h % 2**k == 0 and w % 2**k == 0)  # k = 0 always fits
+        fix = f"lower {option} to {fits} or resize the images" if fits else "resize the images to even sides"
+        raise ValueError(f"image sides must divide by 2^{halvings} = {2**halvings} for {option}={halvings} "
+                         f"(one squeeze each), found {h}x{w}; {fix}")
     return c, h, w
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -22,11 +23,16 @@ class NICEConfig:
     hidden_layers: int = 5
     hidden_units: int = 1000
     prior: str = "logistic"
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of dim pixels; None: (1, 28, 28) for dim 784, else flat
 
     def __post_init__(self):
         check_at_least(self, 1, "dim", "couplings", "hidden_layers", "hidden_units")
         if self.dim < 2:
             raise ValueError(f"dim must be >= 2 (a coupling splits it in two), found {self.dim}")
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)
+            if len(self.image_shape) != 3 or min(self.image_shape) < 1 or math.prod(self.image_shape) != self.dim:
+                raise ValueError(f"image_shape must be (C, H, W) with C * H * W = dim = {self.dim}, found {self.image_shape}")
         if self.prior not in ("logistic", "gaussian"):
             raise ValueError(f"prior must be 'logistic' or 'gaussian', found {self.prior!r}")
 
@@ -44,8 +50,8 @@ class NICE(Flow):
 
     Built from a `NICEConfig` and/or its fields as keywords: ``NICE()``, ``NICE(hidden_units=64)``
     or ``NICE(config)``. With the defaults the model has exactly 19,158,352 parameters. Inputs
-    may be images (B, 1, 28, 28) or flat vectors (B, dim); samples have shape
-    (n, *event_shape), which is (1, 28, 28) for dim = 784 and (dim,) otherwise.
+    may be images (B, *event_shape) or flat vectors (B, dim); samples have shape
+    (n, *event_shape), which is ``image_shape`` if set, else (1, 28, 28) for dim = 784 and (dim,).
 
     Examples:
         A small NICE on MNIST-shaped images: log-densities in nats, exact inverses, samples.
@@ -72,7 +78,7 @@ class NICE(Flow):
         super().__init__()
         self.config = config = with_options(config or NICEConfig(), options)
         dim = config.dim
-        self.event_shape = (1, 28, 28) if dim == 28 * 28 else (dim,)
+        self.event_shape = config.image_shape or ((1, 28, 28) if dim == 28 * 28 else (dim,))
         layers = [AdditiveCoupling(dim, i % 2, config.hidden_layers, config.hidden_units) for i in range(config.couplings)]
         self.flow = Composite([*layers, DiagonalScaling(dim)])
         self.prior = make_prior(config.prior, dim)

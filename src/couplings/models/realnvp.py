@@ -34,7 +34,7 @@ class RealNVPConfig:
         if self.scales < 1 or self.hidden < 1 or self.blocks < 0:
             raise ValueError(f"need scales >= 1, hidden >= 1, blocks >= 0; found {self.scales}, {self.hidden}, {self.blocks}")
         check_at_least(self, 1, "per_scale", "final", "dequant_hidden")
-        check_image_shape(self.image_shape, self.scales)
+        check_image_shape(self.image_shape, self.scales, "scales")
         if not 0 <= self.alpha < 0.5:
             raise ValueError(f"alpha must be in [0, 0.5), found {self.alpha}")
         check_one_of(self, net=("resnet", "gated"), scale=("tanh", "bounded"), dequantization=("uniform", "variational"))

@@ -126,7 +126,7 @@ def summarize_run(
     run_dir.update_eval("test", result)
 
     _log(f"{run}: timings and figures")
-    x = torch.as_tensor(images[:64]).unsqueeze(1).to(device)  # (64, 1, H, W) uint8
+    x = torch.as_tensor(data.with_channels(images[:64])).to(device)  # (64, C, H, W) uint8
     x = dequantize(x, torch.Generator(device=device).manual_seed(0), model.prior.dtype)
     y = torch.as_tensor(labels[:64]).long().to(device) if model.conditional else None
     generator = torch.Generator(device=device).manual_seed(0)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from couplings.data import with_channels
 from couplings.files import atomic_write
 from couplings.images import save_grid
 from couplings.likelihood import dequantize
@@ -79,7 +80,7 @@ def sample_figures(model, run: RunSummary, images, out: Path, index: int, device
     figures = {"samples": save_grid(torch.cat(rows).float().cpu(), out / f"samples-{index}-{run.name}.png", nrow=per_row)}
     if run.has_pixel_density and not model.conditional:
         generator = torch.Generator(device=device).manual_seed(0)
-        x = dequantize(torch.as_tensor(images[:4]).unsqueeze(1).to(device), generator, model.prior.dtype)
+        x = dequantize(torch.as_tensor(with_channels(images[:4])).to(device), generator, model.prior.dtype)
         strip = interpolate(model, x[:2], x[2:4], steps=per_row)
         figures["interpolation"] = save_grid(strip.float().cpu(), out / f"interpolation-{index}-{run.name}.png",
                                              nrow=per_row)

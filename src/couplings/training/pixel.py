@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from couplings.config import PixelTrainConfig
+from couplings.data import with_channels
 from couplings.distributed import shard
 from couplings.likelihood import bits_per_dim, nats_to_bits_per_dim
 from couplings.sampling import sample_labels
@@ -37,7 +38,7 @@ def fit(ctx: Context) -> None:
     if ema is not None and "ema_state" in state:
         ema.load_state_dict(state["ema_state"])
     epoch, step, best = state.get("epoch", 0), state.get("step", 0), state.get("best_val_bpd", math.inf)
-    pixels = torch.as_tensor(ctx.train_data[0]).unsqueeze(1).to(ctx.device)  # (N, H, W) -> (N, 1, H, W)
+    pixels = torch.as_tensor(with_channels(ctx.train_data[0])).to(ctx.device)  # (N, C, H, W)
     labels = torch.as_tensor(ctx.train_data[1]).long().to(ctx.device) if model.conditional else None
     val_labels = ctx.val_data[1] if model.conditional else None
     dim = math.prod(pixels.shape[1:])

@@ -4,7 +4,6 @@ which holds the run directory's lock and hands the run to its model's trainer.""
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -47,10 +46,12 @@ class RunPlan:
     train_data: tuple[np.ndarray, np.ndarray] | None = None
     val_data: tuple[np.ndarray, np.ndarray] | None = None
     note: str | None = None  # a line for stderr when training starts
+    dataset_sha256: str | None = None  # a dataset of one's own: `couplings.data.fingerprint`
 
     def record(self) -> dict[str, Any]:
         """config.json's content, without the hardware."""
-        return {"model": self.model, "size": self.size, "model_config": self.model_config, "train": asdict(self.cfg)}
+        own = {"dataset_sha256": self.dataset_sha256} if self.dataset_sha256 else {}
+        return {"model": self.model, "size": self.size, "model_config": self.model_config, "train": asdict(self.cfg), **own}
 
 
 def plan_run(
@@ -72,7 +73,11 @@ def plan_run(
             an option that defines the run.
         TrainingError: ``out`` is not empty (without ``resume``), or has no ``last.pt`` (with it).
         CheckpointError: ``last.pt`` is unreadable or does not fit its model.
-        DatasetError: The dataset's files are missing or damaged.
+        DatasetError: The dataset's files are missing or damaged, or a dataset of one's own has
+            too few images for the validation split and a batch.
+
+    For a dataset of one's own (`couplings.data.is_path_dataset`), the model's image-size
+    options that were not given follow the data (`couplings.models.ModelEntry.shape_options`).
     """
     if model_name not in MODELS:
         raise ConfigError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
@@ -85,26 +90,78 @@ def plan_run(
             f"{', '.join(unsupported)}: not an option of {model_name} (its trainer, couplings.training.{entry.trainer}, "
             f"does not read {'it' if len(unsupported) == 1 else 'them'})"
         )
+    if data.is_path_dataset(train_overrides.get("dataset")):  # the same run, from whichever directory
+        train_overrides["dataset"] = str(Path(train_overrides["dataset"]).resolve())
     run_dir = RunDir(out)
-    plan = _resumed(model_name, run_dir, size, model_overrides, train_overrides) if resume else \
-        _new(model_name, run_dir, size, model_overrides, train_overrides)
+    plan = _resumed(model_name, run_dir, size, model_overrides, train_overrides, data_root) if resume else \
+        _new(model_name, run_dir, size, model_overrides, train_overrides, data_root=data_root)
     cfg = plan.cfg
     if cfg.batch_size % distributed.world_size():
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {distributed.world_size()} processes "
                           "(it is the global batch; each process trains on an equal share of it)")
-    if cfg.dataset not in data.DATASETS:
-        raise ConfigError(f"dataset must be one of {sorted(data.DATASETS)}, found {cfg.dataset!r}")
+    if cfg.dataset not in data.DATASETS and not data.is_path_dataset(cfg.dataset):
+        raise ConfigError(f"dataset must be one of {sorted(data.DATASETS)} or {data.OWN_DATASET}, found {cfg.dataset!r}")
+    if data.is_path_dataset(cfg.dataset):
+        _check_own_dataset(plan)
     plan.train_data = data.load_split(cfg.dataset, "train", cfg.val_size, data_root)
     plan.val_data = data.load_split(cfg.dataset, "val", cfg.val_size, data_root)
-    image_shape = (1, *plan.train_data[0].shape[1:])
-    if math.prod(plan.model_object.event_shape) != math.prod(image_shape):
-        raise ConfigError(f"{model_name} models images of shape {plan.model_object.event_shape}, "
+    image_shape, event_shape = data.image_shape(plan.train_data[0]), tuple(plan.model_object.event_shape)
+    if event_shape != image_shape:
+        raise ConfigError(f"{model_name} models images of shape {event_shape}, "
                           f"but {cfg.dataset} images have shape {image_shape}")
+    _check_labels(plan)
     return plan
 
 
+def _check_own_dataset(plan: RunPlan) -> None:
+    """A dataset of one's own holds the validation images and a batch besides; a resumed run
+    finds the bytes it started on (its sha256 is in config.json)."""
+    cfg = plan.cfg
+    found, needed = len(data.load(cfg.dataset, "train")[0]), cfg.val_size + cfg.batch_size
+    if found < needed:
+        raise data.DatasetError(f"{cfg.dataset}: found {found} images besides the test split, needed at least {needed} "
+                                f"(val_size={cfg.val_size} for validation plus one batch of batch_size={cfg.batch_size}); "
+                                "add images or lower val_size or batch_size")
+    plan.dataset_sha256 = data.fingerprint(cfg.dataset)
+    try:
+        started_on = plan.run_dir.read_config().get("dataset_sha256") if plan.state is not None else None
+    except (OSError, ValueError):  # a resume needs the checkpoint, not config.json; without it there is nothing to compare
+        started_on = None
+    if started_on and started_on != plan.dataset_sha256:
+        raise ConfigError(f"--resume: {cfg.dataset} has changed since {plan.run_dir.path} started training on it "
+                          f"(sha256 {started_on}, now {plan.dataset_sha256}); restore it, or train a new run on it")
+
+
+def _check_labels(plan: RunPlan) -> None:
+    """A class-conditional model has a class for every label of the data."""
+    model = plan.model_object
+    labels = [int(split[1].max()) for split in (plan.train_data, plan.val_data) if len(split[1])]
+    if model.conditional and labels and max(labels) >= model.num_classes:
+        raise ConfigError(f"{plan.cfg.dataset} has labels up to {max(labels)}, but this {plan.model} has "
+                          f"num_classes={model.num_classes}; --set num_classes={max(labels) + 1}")
+
+
+def _model_config(model_name: str, cfg: TrainConfig, preset: dict, given: dict, data_root) -> Any:
+    """The model's config: its preset, then for a dataset of one's own the options that fit the
+    model to its images (`couplings.models.ModelEntry.shape_options`), then what was given."""
+    entry = MODELS[model_name]
+    if not data.is_path_dataset(cfg.dataset):
+        return apply_overrides(entry.config(), {**preset, **given})
+    shape = data.image_shape(data.load(cfg.dataset, "train", data_root)[0])
+    where = f"{model_name} on the {'x'.join(map(str, shape))} images of {cfg.dataset}"
+    try:
+        fitted = entry.shape_options(shape)
+        misfit = next((k for k, v in fitted.items() if k in given and given[k] != v), None)
+        if misfit:
+            raise ValueError(f"{misfit}={given[misfit]} does not fit them, they need {fitted[misfit]}; "
+                             f"leave {misfit} unset and it follows the data")
+        return apply_overrides(entry.config(), {**preset, **fitted, **given})
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
-         restart: bool = False) -> RunPlan:
+         restart: bool = False, data_root=None) -> RunPlan:
     entry = MODELS[model_name]
     if not restart and not run_dir.is_empty():
         raise TrainingError(f"{run_dir.path} already exists and is not empty; pass --resume to continue it or choose another --out")
@@ -113,14 +170,15 @@ def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: di
         raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
     preset_model, preset_train = entry.preset(size)
     cfg = apply_overrides(entry.train_config(), {**preset_train, **train_overrides})  # what is given wins
-    model_config = asdict(apply_overrides(entry.config(), {**preset_model, **model_overrides}))
+    model_config = asdict(_model_config(model_name, cfg, preset_model, model_overrides, data_root))
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     return RunPlan(model_name, size, model_config, cfg, run_dir, None, build_model(model_name, model_config))
 
 
-def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict) -> RunPlan:
+def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
+             data_root=None) -> RunPlan:
     if not run_dir.checkpoints() and run_dir.never_checkpointed():  # killed before its step-0 checkpoint
-        plan = _new(model_name, run_dir, size, model_overrides, train_overrides, restart=True)
+        plan = _new(model_name, run_dir, size, model_overrides, train_overrides, restart=True, data_root=data_root)
         plan.note = f"warning: {run_dir.path} stopped before its first checkpoint; starting it from the beginning"
         return plan
     _, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
