@@ -97,7 +97,7 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
         checkpoint.load(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="without best.pt or last.pt"):
+    with pytest.raises(CheckpointError, match="without best.pt, last.pt or model.safetensors"):
         checkpoint.load(tmp_path)
 
 

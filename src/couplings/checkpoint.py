@@ -1,10 +1,12 @@
 """The checkpoint file format: atomic writes, safe loads (``weights_only=True``), rebuilding
-models, and the pretrained models shipped inside the package."""
+models, exports (a small ``.pt``, or safetensors weights beside a JSON config, the format model
+hubs use), and the pretrained models shipped inside the package."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "build_model",
     "export_pretrained",
+    "export_safetensors",
     "load",
     "load_model",
     "pretrained_path",
@@ -28,9 +31,12 @@ __all__ = [
     "verified_archive",
 ]
 
-# The committed pretrained models are package data, so an installed wheel has them too
-# ($COUPLINGS_PRETRAINED points elsewhere).
+# The committed pretrained models are package data, so an installed wheel has them too, except
+# the ones too large for a wheel (LARGE_PRETRAINED), which are looked for in $COUPLINGS_PRETRAINED.
 PRETRAINED = resources.files("couplings") / "pretrained"
+LARGE_PRETRAINED = ("nice-mnist",)  # 38 MB: in a source checkout, not in the wheel (see pyproject.toml)
+# A safetensors export: a directory with the weights and the JSON that says what they are.
+SAFETENSORS, SAFETENSORS_CONFIG = "model.safetensors", "config.json"
 # A run directory's checkpoints (`couplings.rundir.RunDir`): the best by validation, the newest,
 # and the one before the newest.
 BEST, LAST, PREVIOUS = "best.pt", "last.pt", "previous.pt"
@@ -84,21 +90,26 @@ def verified_archive(path: Path) -> bytes | Path:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A run directory -> its ``best.pt`` (else ``last.pt``); a file -> itself."""
+    """A run directory -> its ``best.pt`` (else ``last.pt``); a safetensors export directory ->
+    its ``model.safetensors``; a file -> itself."""
     path = Path(path)
     if path.is_dir():
-        for name in (BEST, LAST):
+        for name in (BEST, LAST, SAFETENSORS):
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"{path} is a directory without best.pt or last.pt; expected a run directory")
+        raise CheckpointError(f"{path} is a directory without best.pt, last.pt or {SAFETENSORS}; "
+                              "expected a run directory or a safetensors export")
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint or run directory: {path}")
     return path
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a checkpoint with ``weights_only=True`` (no code in a pickle ever runs) and checks it."""
+    """Loads a checkpoint with ``weights_only=True`` (no code in a pickle ever runs), or a
+    safetensors export, and checks it."""
     path = resolve(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     archive = verified_archive(path)
     try:
         source = io.BytesIO(archive) if isinstance(archive, bytes) else archive
@@ -163,13 +174,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 
 def pretrained_path(name: str) -> Path:
-    """The file of a committed pretrained model, e.g. "nice-mnist" -> couplings/pretrained/nice-mnist.pt."""
-    directory = Path(os.environ.get("COUPLINGS_PRETRAINED", str(PRETRAINED)))
-    path = directory / f"{name}.pt"
-    if not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.pt")) if directory.is_dir() else []
-        raise CheckpointError(f"no pretrained model {name!r} in {directory}; available: {', '.join(known) or 'none'}")
-    return path
+    """The file of a pretrained model, e.g. "nice-mnist": ``$COUPLINGS_PRETRAINED/nice-mnist.pt``
+    if that variable is set and the file is there, else the one shipped in the package
+    (``couplings/pretrained/``).
+
+    Raises:
+        CheckpointError: No such file; the message names every directory looked in.
+    """
+    chosen = os.environ.get("COUPLINGS_PRETRAINED")
+    places = ([Path(chosen)] if chosen else []) + [Path(str(PRETRAINED))]
+    for directory in places:
+        if (directory / f"{name}.pt").is_file():
+            return directory / f"{name}.pt"
+    known = sorted({p.stem for d in places if d.is_dir() for p in d.glob("*.pt")})
+    hint = ""
+    if name in LARGE_PRETRAINED:
+        hint = (f"; {name} is too large for the wheel: copy {name}.pt from a source checkout's src/couplings/pretrained/ "
+                "into a directory and point $COUPLINGS_PRETRAINED at it")
+    looked = " and ".join(str(d) for d in places)
+    raise CheckpointError(f"no pretrained model {name!r} in {looked}; available: {', '.join(known) or 'none'}{hint}")
 
 
 def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: bool = False,
@@ -187,3 +210,44 @@ def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: 
     keep = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
     return save({**{k: payload[k] for k in keep if k in payload}, "model_state": state,
                  "stored_half_precision": half, "provenance": provenance or {}}, path)
+
+
+_EXPORTED = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
+
+
+def export_safetensors(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Writes a run's best weights (its Polyak averages, if it kept them) as ``DIRECTORY/model.safetensors``
+    and what they are (model, size, model config, training options, step) as ``DIRECTORY/config.json``;
+    `load` and `load_model` read the directory back. Needs the ``safetensors`` package."""
+    from safetensors.torch import save as save_tensors
+
+    payload = load(run)
+    state = payload.get("ema_state") or payload["model_state"]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": "couplings-safetensors", "format_version": FORMAT_VERSION,
+              **{k: payload[k] for k in _EXPORTED if k in payload}}
+    atomic_write(directory / SAFETENSORS, save_tensors({k: v.detach().contiguous().clone() for k, v in state.items()}))
+    atomic_write(directory / SAFETENSORS_CONFIG, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors export as a checkpoint dict (its config.json beside it says what it holds)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: reading safetensors needs the safetensors package: pip install safetensors") from None
+    config_path = path.with_name(SAFETENSORS_CONFIG)
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: its {config_path.name} is missing or unreadable ({e})") from None
+    if config.get("format") != "couplings-safetensors" or config.get("model") not in MODELS:
+        raise CheckpointError(f"{config_path} does not describe a couplings model (expected format couplings-safetensors)")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    return {**{k: v for k, v in config.items() if k != "format"}, "model_state": state}

@@ -157,6 +157,14 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature for the metrics")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    x = commands.add_parser("export", help="write a run's best weights as safetensors + JSON config, or a small .pt")
+    x.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt"],
+                   help="safetensors: OUT/model.safetensors and OUT/config.json (the format model hubs use); "
+                        "pt: one small checkpoint file OUT, without optimizer state")
+    x.add_argument("-o", "--out", type=Path, required=True)
+    x.add_argument("--half", action="store_true", help="pt only: store float tensors in float16")
+
     s = commands.add_parser("sample", help="draw samples from a run or checkpoint into a PNG grid")
     _add_model_source(s)
     s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
@@ -303,6 +311,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    if args.format == "safetensors":
+        if args.half:
+            raise ConfigError("--half applies to --format pt only")
+        try:
+            import safetensors  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format safetensors needs the safetensors package: pip install safetensors") from None
+        print(checkpoint.export_safetensors(args.run, args.out))
+    else:
+        print(checkpoint.export_pretrained(args.run, args.out, half=args.half))
+    return 0
+
+
 def _cmd_sample(args) -> int:
     output = _checked_png(args.output)
     args.run = _model_path(args)
@@ -394,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line  # one plain line, like the errors
     parser = _build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "config": _cmd_config, "eval": _cmd_eval, "sample": _cmd_sample,
+    commands = {"train": _cmd_train, "config": _cmd_config, "eval": _cmd_eval, "export": _cmd_export, "sample": _cmd_sample,
                 "interpolate": _cmd_interpolate,
                 "compare": _cmd_compare, "data": _cmd_data}
     rank = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""  # under torchrun, whose line it is
