@@ -24,6 +24,7 @@ SUBSET = {
     "nice-small-mnist": 4.5872734588027555,
     "realnvp-small-mnist": 2.6383676426451066,
     "glow-small-mnist": 2.2607557519203922,
+    "realnvp-fast-mnist": 1.0767189775688122,  # the long run of size=fast, added 2026-12-02
     "latent-realnvp-mnist": 36.09113501930237,  # nats: a density on the 20-d embedding (size=default, 2026-12-02)
 }
 SLOW = os.environ.get("COUPLINGS_SLOW_TESTS") == "1"
@@ -55,7 +56,8 @@ def test_pretrained_model_scores_its_known_figure_on_a_fixed_subset(name):
 
 @pytest.mark.network
 @pytest.mark.skipif(not SLOW, reason="scores the whole test set; set COUPLINGS_SLOW_TESTS=1")
-@pytest.mark.parametrize("name", ["nice-mnist", "nice-small-mnist", "realnvp-small-mnist", "glow-small-mnist"])
+@pytest.mark.parametrize("name", ["nice-mnist", "nice-small-mnist", "realnvp-small-mnist", "glow-small-mnist",
+                                  "realnvp-fast-mnist"])
 def test_pretrained_model_scores_its_provenance_figure_on_the_whole_test_set(name):
     provenance = checkpoint.load(checkpoint.pretrained_path(name))["provenance"]
     recorded = provenance.get("test_bits_per_dim", provenance.get("test_bits_per_dim_float32"))
