@@ -18,7 +18,7 @@ from couplings.report import collect as report_collect
 from couplings.cli import main
 from couplings.evaluation import NO_PIXEL_BPD
 from couplings.report import HEADERS, RunSummary, table
-from couplings.report.table import COST, QUALITY
+from couplings.report.table import COST, QUALITY, published_gaps
 
 ARTIFACTS = Path(os.environ.get("COUPLINGS_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 COMMON = ["--dataset", "tiny", "--set", "val_size=50", "--set", "samples_per_epoch=4", "--device", "cpu", "--quiet"]
@@ -110,6 +110,9 @@ def test_report_table_matches_eval_json(built_report, monkeypatch):
     assert "2 seeds: 0, 1" in nice["run"]
     # No classifier exists for the synthetic dataset: the cells say so instead of showing a number.
     assert realnvp["FID"] == "skipped: no feature classifier for tiny"
+    md = (out / "report.md").read_text()
+    gaps = [line for line in md.splitlines() if "no published figure for this model on this dataset" in line]
+    assert len(gaps) == 2 and "How far each is from its published figure" in md  # one line per recipe
     assert float(realnvp["sampling s / 64 images"]) > 0 and float(realnvp["inference s / 64 images"]) > 0
     assert [row[0] for row in parser.tables["anchors"][1:3]] == ["NICE", "MAF (5)"]
     markdown = (out / "report.md").read_text()
@@ -186,3 +189,23 @@ def test_report_renders_in_a_real_browser(built_report):
     assert len(widths) >= 5 and all(w > 0 for w in widths), widths  # curves, 2 sample grids, 1 strip, ood
     assert rows == 2
     assert overflow == [0, 0], overflow
+
+
+def test_each_recipe_gets_one_line_on_its_distance_from_the_published_figure(tmp_path):
+    def run(name, seed, model="realnvp", dataset="mnist", bpd=1.2, published=True):
+        result = {"model": model, "dataset": dataset, "bits_per_dim": bpd, "estimate": "bound, one draw"}
+        if published:
+            result.update(published_bits_per_dim=1.06, published_source="FFJORD paper table")
+        return RunSummary(name=name, path=tmp_path, history=[], result=result, seconds_per_64={},
+                          config={"model": model, "model_config": {}, "train": {"seed": seed, "dataset": dataset}})
+
+    latent = run("latent", 0, model="latent-realnvp", bpd=None, published=False)
+    latent.result["latent_dimensions"] = 20
+    seeds = [run("fast-0", 0, bpd=1.10), run("fast-1", 1, bpd=1.14)]
+    fashion = run("fashion", 0, dataset="fashion-mnist", published=False)
+    lines = published_gaps([*seeds, latent, fashion])
+    assert len(lines) == 3, lines
+    assert lines[0] == ("fast-0 and 1 more seeds (realnvp): 1.120 bits/dim, bound, one draw, against the published "
+                        "1.060 (FFJORD paper table), 0.060 above it (5.7%)")
+    assert "no published figure" in lines[1] and "20-d embeddings" in lines[1]
+    assert "no published figure for this model on this dataset" in lines[2]

@@ -155,8 +155,10 @@ class GlowTrainConfig(PixelTrainConfig):
 class LatentTrainConfig(TrainConfig):
     """Two-stage training of `LatentRealNVP`, as the seed project ran it.
 
-    Stage 1 trains the autoencoder for ``ae_epochs`` (Adam ``ae_lr``, weight decay 1e-5);
-    stage 2 trains the flow on the frozen embeddings for ``epochs`` (Adam ``lr``).
+    Stage 1 trains the autoencoder for ``ae_epochs`` (Adam ``ae_lr``, weight decay 1e-5;
+    ``ae_lr_schedule`` "constant", or "cosine" from ``ae_lr`` to 0 over the stage);
+    stage 2 trains the flow on the frozen embeddings for ``epochs`` (Adam ``lr``, with the
+    warm-up and ``lr_schedule`` counted from the stage's first step).
     """
 
     epochs: int = 25
@@ -167,11 +169,14 @@ class LatentTrainConfig(TrainConfig):
     weight_decay: float = 1e-5
     ae_epochs: int = 10
     ae_lr: float = 1e-3
+    ae_lr_schedule: str = "constant"
 
     def __post_init__(self):
         super().__post_init__()
         if self.ae_epochs < 1 or not self.ae_lr > 0:
             raise ConfigError(f"need ae_epochs >= 1 and ae_lr > 0, found {self.ae_epochs} and {self.ae_lr}")
+        if self.ae_lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"ae_lr_schedule must be constant or cosine, found {self.ae_lr_schedule!r}")
 
 
 def _parse_typed(text: str, kind: Any, key: str) -> Any:

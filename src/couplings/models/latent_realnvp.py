@@ -27,9 +27,10 @@ class LatentRealNVPConfig:
     num_classes: int = 10
     image_size: int = 28
     class_prior: bool = False  # a learned Gaussian per class (Glow's class-conditional prior) at the flow's end
+    ae_channels: int = 32  # the autoencoder's first convolution; the second has twice as many
 
     def __post_init__(self):
-        check_at_least(self, 1, "couplings", "hidden_layers", "hidden_units", "num_classes")
+        check_at_least(self, 1, "couplings", "hidden_layers", "hidden_units", "num_classes", "ae_channels")
         if self.embedding_dim < 2:
             raise ValueError(f"embedding_dim must be >= 2 (a coupling splits it in two), found {self.embedding_dim}")
         if self.class_prior and not self.conditional:
@@ -39,22 +40,23 @@ class LatentRealNVPConfig:
 
 
 class ConvAutoencoder(nn.Module):
-    """1 -> 32 (3x3, stride 2) -> 64 (3x3, stride 2) -> linear embedding; the decoder mirrors it
-    with transposed convolutions and ends in logits (``decode`` applies the sigmoid)."""
+    """1 -> C (3x3, stride 2) -> 2C (3x3, stride 2) -> linear embedding, C = ``channels`` (the
+    seed project's 32); the decoder mirrors it with transposed convolutions and ends in logits
+    (``decode`` applies the sigmoid)."""
 
-    def __init__(self, embedding_dim: int = 20, image_size: int = 28):
+    def __init__(self, embedding_dim: int = 20, image_size: int = 28, channels: int = 32):
         super().__init__()
-        side = image_size // 4
+        side, c = image_size // 4, channels
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(),  # (B, 1, S, S) -> (B, 32, S/2, S/2)
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),  # -> (B, 64, S/4, S/4)
-            nn.Flatten(), nn.Linear(64 * side * side, embedding_dim),
+            nn.Conv2d(1, c, 3, stride=2, padding=1), nn.ReLU(),  # (B, 1, S, S) -> (B, C, S/2, S/2)
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.ReLU(),  # -> (B, 2C, S/4, S/4)
+            nn.Flatten(), nn.Linear(2 * c * side * side, embedding_dim),
         )
         self.decoder = nn.Sequential(
-            nn.Linear(embedding_dim, 64 * side * side), nn.ReLU(),
-            nn.Unflatten(1, (64, side, side)),
-            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # -> (B, 32, S/2, S/2)
-            nn.ConvTranspose2d(32, 1, 3, stride=2, padding=1, output_padding=1),  # -> (B, 1, S, S)
+            nn.Linear(embedding_dim, 2 * c * side * side), nn.ReLU(),
+            nn.Unflatten(1, (2 * c, side, side)),
+            nn.ConvTranspose2d(2 * c, c, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # -> (B, C, S/2, S/2)
+            nn.ConvTranspose2d(c, 1, 3, stride=2, padding=1, output_padding=1),  # -> (B, 1, S, S)
         )
 
     def encode(self, x: Tensor) -> Tensor:
@@ -109,7 +111,7 @@ class LatentRealNVP(Flow):
         self.conditional, self.num_classes = config.conditional, config.num_classes
         dim = config.embedding_dim
         self.event_shape = (1, config.image_size, config.image_size)
-        self.autoencoder = ConvAutoencoder(dim, config.image_size)
+        self.autoencoder = ConvAutoencoder(dim, config.image_size, config.ae_channels)
         context = config.num_classes if config.conditional else 0
         layers = []
         for i in range(config.couplings):

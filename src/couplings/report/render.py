@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from couplings.files import atomic_write
 from couplings.report.figures import TEMPERATURES
-from couplings.report.table import CONVERSION, COST, QUALITY, columns, published_anchors
+from couplings.report.table import CONVERSION, COST, QUALITY, columns, published_anchors, published_gaps
 
 if TYPE_CHECKING:
     from couplings.report.collect import Report, RunSummary
@@ -60,6 +60,8 @@ def _sections(report: Report, meta: dict) -> list[tuple[str, list]]:
             (QUALITY, columns(report.rows, QUALITY), "quality"),
             "What it cost:",
             (COST, columns(report.rows, COST), "cost"),
+            "How far each is from its published figure (lower bits/dim is better):",
+            *[f"- {line}." for line in published_gaps(runs)],
         ]),
         ("Published anchors", [CONVERSION, (["model", "test bits/dim", "test log-likelihood (nats)", "source"],
                                             published_anchors(), "anchors")]),

@@ -13,7 +13,7 @@ from couplings.models import PUBLISHED
 if TYPE_CHECKING:
     from couplings.report.collect import RunSummary
 
-__all__ = ["CONVERSION", "COST", "HEADERS", "QUALITY", "columns", "published_anchors", "table"]
+__all__ = ["CONVERSION", "COST", "HEADERS", "QUALITY", "columns", "published_anchors", "published_gaps", "table"]
 
 
 HEADERS = [
@@ -104,13 +104,18 @@ def _cell(header: str, values: list) -> str:
     return ", ".join(texts)
 
 
-def table(runs: list[RunSummary]) -> list[list[str]]:
-    """Rows of formatted cells; runs of one recipe that differ only in the seed share a row."""
+def _recipes(runs: list[RunSummary]) -> list[list[RunSummary]]:
+    """Runs grouped by recipe (seeds of one recipe together), in the order first seen."""
     groups: dict[str, list[RunSummary]] = {}
     for run in runs:
         groups.setdefault(run.group_key(), []).append(run)
+    return list(groups.values())
+
+
+def table(runs: list[RunSummary]) -> list[list[str]]:
+    """Rows of formatted cells; runs of one recipe that differ only in the seed share a row."""
     rows = []
-    for members in groups.values():
+    for members in _recipes(runs):
         values = [_values(run) for run in members]
         row = [_cell(h, [v[h] for v in values]) for h in HEADERS]
         if len(members) > 1:
@@ -118,6 +123,29 @@ def table(runs: list[RunSummary]) -> list[list[str]]:
             row[0] = f"{row[0]} (mean ± std over {len(members)} seeds: {seeds})"
         rows.append(row)
     return rows
+
+
+def published_gaps(runs: list[RunSummary]) -> list[str]:
+    """One line per recipe: how far its test bits/dim is from its model's published MNIST figure
+    (the mean over seeds), or why there is nothing to compare with."""
+    lines = []
+    for members in _recipes(runs):
+        first = members[0].result
+        name = members[0].name + (f" and {len(members) - 1} more seeds" if len(members) > 1 else "")
+        if first.get("bits_per_dim") is None:
+            lines.append(f"{name} ({first['model']}): no published figure to compare with; its likelihood is of "
+                         f"{first.get('latent_dimensions', 'the')}-d embeddings, not of pixels")
+        elif "published_bits_per_dim" not in first:
+            lines.append(f"{name} ({first['model']} on {first['dataset']}): no published figure for this model "
+                         f"on this dataset")
+        else:
+            ours = statistics.mean(r.result["bits_per_dim"] for r in members)
+            published, gap = first["published_bits_per_dim"], ours - first["published_bits_per_dim"]
+            where = "above" if gap > 0 else "below"
+            estimate = f", {first['estimate']}" if "estimate" in first else ""
+            lines.append(f"{name} ({first['model']}): {ours:.3f} bits/dim{estimate}, against the published {published:.3f} "
+                         f"({first['published_source']}), {abs(gap):.3f} {where} it ({abs(gap) / published:.1%})")
+    return lines
 
 
 def published_anchors(dim: int = 784) -> list[list[str]]:

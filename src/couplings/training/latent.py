@@ -12,7 +12,7 @@ from couplings.distributed import shard
 from couplings.models import LatentRealNVP
 from couplings.training.errors import TrainingError
 from couplings.training.loop import Context, start_pass, train_pass
-from couplings.training.optim import make_adam
+from couplings.training.optim import lr_factor, make_adam
 
 __all__ = ["fit"]
 
@@ -37,6 +37,7 @@ def fit(ctx: Context) -> None:
     """Stage 1: the autoencoder for ``ae_epochs`` (binary cross-entropy, Adam ``ae_lr``).
     Stage 2: the flow on the frozen encoder's embeddings for ``epochs`` (negative log-likelihood
     of the embedding given its label, Adam ``lr``); ``best.pt`` has the lowest validation NLL.
+    Each stage's learning-rate schedule counts its own steps.
     Both stages checkpoint every epoch (and every ``checkpoint_every`` steps) and resume
     exactly where they stopped."""
     model: LatentRealNVP = ctx.model
@@ -49,6 +50,14 @@ def fit(ctx: Context) -> None:
     val_labels = torch.as_tensor(ctx.val_data[1]).long().to(dev)
 
     ae = model.autoencoder
+    steps_per_epoch = len(images) // cfg.batch_size  # full batches (`start_pass`)
+    ae_steps = cfg.ae_epochs * steps_per_epoch
+
+    def ae_schedule(step: int) -> float:
+        if cfg.ae_lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, step / ae_steps)))
+        return 1.0
+
     # The seed project's autoencoder optimizer: Adam's own betas and eps, not the flow's.
     ae_optimizer = make_adam(ae.parameters(), lr=cfg.ae_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     if stage == "autoencoder" and "optimizer_state" in state:
@@ -64,7 +73,7 @@ def fit(ctx: Context) -> None:
         seen_before, started = this.seen, time.perf_counter()
         step = train_pass(ctx, ae_optimizer, this, lambda idx, _: (ae.loss(images[shard(idx)]),) * 2, step=step,
                           desc=f"autoencoder {ae_epoch + 1}/{cfg.ae_epochs}", postfix=lambda bce: f"BCE={bce:.2f}",
-                          fields=ae_fields)
+                          fields=ae_fields, schedule=ae_schedule)
         seconds, seen, train_bce = time.perf_counter() - started, this.seen - seen_before, this.mean_loss()
         ae_epoch += this.complete
         ae.eval()
@@ -103,7 +112,8 @@ def fit(ctx: Context) -> None:
         this = start_pass(len(embeddings), cfg.ae_epochs + epoch + 1, cfg, dev, ctx.state)
         seen_before, started = this.seen, time.perf_counter()
         step = train_pass(ctx, optimizer, this, lambda idx, _: (nll(embeddings[shard(idx)], labels[shard(idx)]),) * 2, step=step,
-                          desc=f"flow {epoch + 1}/{cfg.epochs}", postfix=lambda v: f"NLL={v:.3f}", fields=flow_fields)
+                          desc=f"flow {epoch + 1}/{cfg.epochs}", postfix=lambda v: f"NLL={v:.3f}", fields=flow_fields,
+                          schedule=lambda step: lr_factor(cfg, step - ae_steps, steps_per_epoch))
         seconds, seen, train_nll = time.perf_counter() - started, this.seen - seen_before, this.mean_loss()
         epoch += this.complete
         model.eval()

@@ -205,7 +205,7 @@ Objective = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.
 
 def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, objective: Objective, *,
                step: int, desc: str, postfix: Callable[[float], str], fields: Callable[[int], dict],
-               ema: EMA | None = None) -> int:
+               ema: EMA | None = None, schedule: Callable[[int], float] | None = None) -> int:
     """Trains on the rest of pass ``this`` until it ends or the budget is spent; returns the step.
 
     Args:
@@ -217,6 +217,8 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
         fields: ``step -> dict`` of the trainer's checkpoint fields, for the checkpoints written
             every ``checkpoint_every`` steps inside the pass.
         ema: Polyak averages to update after every step that was taken.
+        schedule: ``step -> learning rate as a multiple of the optimizer's``; by default the run's
+            warm-up and schedule (`couplings.training.optim.lr_factor`) counted from step 0.
 
     Raises:
         NumericalFault: ``max_bad_steps`` steps in a row were skipped as non-finite.
@@ -226,7 +228,7 @@ def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, 
         while not this.complete and not ctx.budget.spent(step):
             idx = this.batches[this.next]
             loss, total = objective(idx, this.generator)
-            factor = lr_factor(cfg, step, len(this.batches)) * ctx.faults.lr_scale
+            factor = (schedule(step) if schedule else lr_factor(cfg, step, len(this.batches))) * ctx.faults.lr_scale
             grad_norm = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
             good = grad_norm is not None
             distributed.broadcast_buffers(ctx.model)  # batch-norm running averages: rank 0's
