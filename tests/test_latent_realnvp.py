@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -200,3 +201,32 @@ def test_presets_default_is_the_measured_recipe_and_origin_the_seed_projects():
     model, train = entry.preset("origin")
     assert model == {} and train == {"epochs": 20}  # 9 couplings x 100 units, Adam 1e-4, 10 + 20 epochs
     assert LatentRealNVP().config.couplings == 9 and entry.train_config().lr == 1e-4
+
+
+def test_each_stage_counts_its_own_learning_rate_schedule(tiny_dataset, tmp_path, monkeypatch):
+    """The autoencoder's cosine runs over its own epochs, and the flow's cosine starts at its full
+    rate at the flow's first step (not part-way through, counted from the autoencoder's steps)."""
+    from couplings.training import loop
+
+    factors = []
+
+    def recording(optimizer, loss, *, grad_clip, lr_factor):
+        factors.append(lr_factor)
+        return real(optimizer, loss, grad_clip=grad_clip, lr_factor=lr_factor)
+
+    real = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", recording)
+    options = ["--set", "ae_epochs=2", "--epochs", "2", "--set", "ae_lr_schedule=cosine", "--set", "lr_schedule=cosine"]
+    assert main(["train", "latent-realnvp", "--out", str(tmp_path / "run"), *TINY, *options]) == 0
+    per_epoch = (len(data.load("tiny", "train")[0]) - 50) // 25
+    cosine = [0.5 * (1 + math.cos(math.pi * s / (2 * per_epoch))) for s in range(2 * per_epoch)]
+    assert factors == pytest.approx(cosine + cosine)
+
+
+def test_autoencoder_width_is_an_option():
+    narrow, origin = LatentRealNVP(ae_channels=8), LatentRealNVP(ae_channels=32)
+    assert narrow.autoencoder.encoder[0].out_channels == 8 and narrow.autoencoder.encoder[2].out_channels == 16
+    assert narrow.autoencoder.decode(narrow.autoencoder.encode(torch.rand(2, 1, 28, 28))).shape == (2, 1, 28, 28)
+    assert origin.autoencoder.encoder[0].out_channels == 32  # the seed project's
+    with pytest.raises(ValueError, match="ae_channels"):
+        LatentRealNVP(ae_channels=0)
