@@ -261,3 +261,26 @@ def _perturbed_conditional(g):
         for p in g.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return g.eval()
+
+
+def test_class_conditional_glow_can_learn_a_template_per_class():
+    """class_prior="position": the top latent's mean and scale per class, channel and position."""
+    torch.manual_seed(0)
+    g = _perturbed_conditional(Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0, num_classes=3,
+                                    class_prior="position"))
+    prior = g.final.transforms[-1]
+    assert prior.shape == (2, 2) and prior.embedding.weight.shape == (3, 2 * 8 * 4)  # 8 channels at 2x2
+    x, y = torch.rand(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    z, ld = g.transform(x, y)
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda row: g.transform(row.unsqueeze(0), y[i : i + 1])[0][0], x[i])
+        torch.testing.assert_close(ld[i], torch.linalg.slogdet(jac.reshape(64, 64))[1], atol=1e-8, rtol=0)
+    back, _ = g.inverse(z, y)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
+    with torch.no_grad():  # one class's mean at one position moves that position's latent, and only there
+        z0 = g.transform(x[:1], y[:1])[0]
+        prior.embedding.weight[0, 0] += 1.0
+        moved = (g.transform(x[:1], y[:1])[0] - z0).abs() > 1e-9
+    assert moved.sum() == 1
+    with pytest.raises(ValueError, match="class_prior must be one of"):
+        Glow(image_shape=(1, 8, 8), num_classes=3, class_prior="pixel")

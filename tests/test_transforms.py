@@ -56,7 +56,7 @@ LAYERS = {
     ).eval(),
 }
 CONDITIONAL = {"affine-conditional", "latent-stack"}
-LABELLED = {"class-prior-flat", "class-prior-image"}  # layers whose context is a label (B,)
+LABELLED = {"class-prior-flat", "class-prior-image", "class-prior-per-position"}  # layers whose context is a label (B,)
 
 # Image layers run on (B, C, H, W) inputs of these shapes; flat layers on (B, 6) or (B, 5).
 IMAGE_LAYERS = {
@@ -68,6 +68,7 @@ IMAGE_LAYERS = {
     "batchnorm2d-eval": (lambda: BatchNormFlow(2, spatial=True, momentum=0.05, eps=1e-4).eval(), (2, 2, 2)),
     "shift": (lambda: Shift(-0.5), (1, 2, 2)),
     "class-prior-image": (lambda: ClassConditionalPrior(2, num_classes=3), (2, 2, 2)),
+    "class-prior-per-position": (lambda: ClassConditionalPrior(2, num_classes=3, shape=(2, 3)), (2, 2, 3)),
     "coupling-checkerboard-tanh": (lambda: AffineCoupling2d(1, "checkerboard", 0, 4, 1).eval(), (1, 4, 4)),
     "coupling-checkerboard-odd": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
     "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),

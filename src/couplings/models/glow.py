@@ -34,6 +34,7 @@ class GlowConfig:
     blocks: int = 1
     min_scale: float = 0.3
     num_classes: int = 0  # > 0: class-conditional, a learned prior of the top latent per class
+    class_prior: str = "channel"  # "channel" (the paper: a mean and scale per channel) or "position" (per pixel too)
     net: str = "resnet"  # the couplings' networks: "resnet" or "gated" (Flow++)
     scale: str = "sigmoid"  # "sigmoid" (the paper, bounded below by min_scale) or "bounded": c * tanh(h / c)
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
@@ -50,7 +51,8 @@ class GlowConfig:
             raise ValueError(f"alpha must be in [0, 0.5) (or none), found {self.alpha}")
         if self.num_classes < 0 or self.dequant_hidden < 1:
             raise ValueError(f"need num_classes >= 0 and dequant_hidden >= 1; found {self.num_classes}, {self.dequant_hidden}")
-        check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"))
+        check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"),
+                     class_prior=("channel", "position"))
         check_image_shape(self.image_shape, self.levels, "levels")
 
 
@@ -121,7 +123,8 @@ class Glow(MultiScaleFlow):
         out_shapes.append((c, h, w))
         final = blocks_per_level.pop()
         if config.num_classes:
-            final = Composite([*final.transforms, ClassConditionalPrior(c, config.num_classes)])
+            per_position = (h, w) if config.class_prior == "position" else None
+            final = Composite([*final.transforms, ClassConditionalPrior(c, config.num_classes, per_position)])
         preprocess = Shift(-0.5) if config.alpha is None else Logit(config.alpha)
         super().__init__(config.image_shape, preprocess, blocks_per_level, final, out_shapes, priors)
         self.config = config

@@ -42,16 +42,19 @@ class ClassConditionalPrior(Transform):
 
     Applied, like `LearnedSplitPrior`, as the standardising map ``(h - mu) / sigma`` with log-det
     ``-H W sum(log sigma)``, so the model's prior stays a standard normal and sampling a class
-    is sampling the prior and inverting with its label.
+    is sampling the prior and inverting with its label. With ``shape = (H, W)`` the mean and
+    scale are learned per channel *and position* of an (B, C, H, W) input: a template per class
+    rather than one number per channel.
 
     References:
         Kingma and Dhariwal, Glow, 2018, section 5 (class-conditional priors).
     """
 
-    def __init__(self, channels: int, num_classes: int):
+    def __init__(self, channels: int, num_classes: int, shape: tuple[int, int] | None = None):
         super().__init__()
-        self.num_classes = num_classes
-        self.embedding = nn.Embedding(num_classes, 2 * channels)
+        self.num_classes, self.shape = num_classes, tuple(shape) if shape else None
+        positions = self.shape[0] * self.shape[1] if self.shape else 1
+        self.embedding = nn.Embedding(num_classes, 2 * channels * positions)
         nn.init.zeros_(self.embedding.weight)
 
     def _stats(self, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,11 +62,15 @@ class ClassConditionalPrior(Transform):
             found = None if y is None else y.tolist()
             raise ValueError(f"this flow is class-conditional: expected labels of shape ({x.shape[0]},) "
                              f"in 0..{self.num_classes - 1}, found {found}")
-        stats = self.embedding(y.long()).to(x.dtype)  # (B, 2C)
-        if x.dim() == 4:
+        stats = self.embedding(y.long()).to(x.dtype)  # (B, 2C), or (B, 2C H W) per position
+        if self.shape:
+            if x.dim() != 4 or x.shape[2:] != self.shape:
+                raise ValueError(f"this prior has a mean per position of {self.shape}; found input {tuple(x.shape)}")
+            stats = stats.view(len(x), -1, *self.shape)  # (B, 2C, H, W)
+        elif x.dim() == 4:
             stats = stats[:, :, None, None]  # (B, 2C, 1, 1): the same for every pixel
         mu, log_sigma = stats.chunk(2, dim=1)
-        pixels = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
+        pixels = x.shape[2] * x.shape[3] if x.dim() == 4 and not self.shape else 1
         return mu, log_sigma, pixels * log_sigma.flatten(1).sum(1)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
