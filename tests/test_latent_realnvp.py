@@ -230,3 +230,9 @@ def test_autoencoder_width_is_an_option():
     assert origin.autoencoder.encoder[0].out_channels == 32  # the seed project's
     with pytest.raises(ValueError, match="ae_channels"):
         LatentRealNVP(ae_channels=0)
+
+
+def test_encoder_convolutions_can_be_bias_free_as_in_the_seed_projects_demo():
+    encoder = LatentRealNVP(ae_conv_bias=False).autoencoder.encoder
+    assert encoder[0].bias is None and encoder[2].bias is None and encoder[5].bias is not None  # the linear keeps its
+    assert LatentRealNVP().autoencoder.encoder[0].bias is not None

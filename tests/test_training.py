@@ -187,3 +187,16 @@ def test_a_preset_may_set_training_options_and_what_is_given_wins(tiny_dataset, 
     plan = plan_run("realnvp", tmp_path / "b", size="fast", train_overrides={"dataset": "tiny", "val_size": 50,
                                                                              "grad_clip": 10.0})
     assert plan.cfg.grad_clip == 10.0
+
+
+def test_passes_are_shuffled_per_seed_and_epoch_unless_shuffle_is_off():
+    import torch
+
+    from couplings.training.loop import start_pass
+
+    def order(**options):
+        return torch.cat(start_pass(100, 1, PixelTrainConfig(batch_size=30, **options), torch.device("cpu"), None).batches)
+
+    assert len(order()) == 90 and not torch.equal(order(), torch.arange(90))  # full batches of a permutation
+    assert torch.equal(order(), order()) and not torch.equal(order(), order(seed=1))
+    assert torch.equal(order(shuffle=False), torch.arange(90))  # the stored order, the ragged batch dropped

@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     val_size: int = 10_000
     seed: int = 0
+    shuffle: bool = True  # False: every pass takes the training images in their stored order
     grad_clip: float | None = None  # clip the gradient's global norm at this (none: no clipping)
     warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
     lr_schedule: str = "constant"  # after the warm-up: "constant", "exponential" or "cosine"

@@ -28,6 +28,7 @@ class LatentRealNVPConfig:
     image_size: int = 28
     class_prior: bool = False  # a learned Gaussian per class (Glow's class-conditional prior) at the flow's end
     ae_channels: int = 32  # the autoencoder's first convolution; the second has twice as many
+    ae_conv_bias: bool = True  # False: the encoder's convolutions have no bias, as in the seed project's demo
 
     def __post_init__(self):
         check_at_least(self, 1, "couplings", "hidden_layers", "hidden_units", "num_classes", "ae_channels")
@@ -42,14 +43,14 @@ class LatentRealNVPConfig:
 class ConvAutoencoder(nn.Module):
     """1 -> C (3x3, stride 2) -> 2C (3x3, stride 2) -> linear embedding, C = ``channels`` (the
     seed project's 32); the decoder mirrors it with transposed convolutions and ends in logits
-    (``decode`` applies the sigmoid)."""
+    (``decode`` applies the sigmoid). ``conv_bias=False`` drops the encoder convolutions' biases."""
 
-    def __init__(self, embedding_dim: int = 20, image_size: int = 28, channels: int = 32):
+    def __init__(self, embedding_dim: int = 20, image_size: int = 28, channels: int = 32, conv_bias: bool = True):
         super().__init__()
         side, c = image_size // 4, channels
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, c, 3, stride=2, padding=1), nn.ReLU(),  # (B, 1, S, S) -> (B, C, S/2, S/2)
-            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.ReLU(),  # -> (B, 2C, S/4, S/4)
+            nn.Conv2d(1, c, 3, stride=2, padding=1, bias=conv_bias), nn.ReLU(),  # (B, 1, S, S) -> (B, C, S/2, S/2)
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=conv_bias), nn.ReLU(),  # -> (B, 2C, S/4, S/4)
             nn.Flatten(), nn.Linear(2 * c * side * side, embedding_dim),
         )
         self.decoder = nn.Sequential(
@@ -111,7 +112,7 @@ class LatentRealNVP(Flow):
         self.conditional, self.num_classes = config.conditional, config.num_classes
         dim = config.embedding_dim
         self.event_shape = (1, config.image_size, config.image_size)
-        self.autoencoder = ConvAutoencoder(dim, config.image_size, config.ae_channels)
+        self.autoencoder = ConvAutoencoder(dim, config.image_size, config.ae_channels, config.ae_conv_bias)
         context = config.num_classes if config.conditional else 0
         layers = []
         for i in range(config.couplings):
