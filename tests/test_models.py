@@ -284,3 +284,22 @@ def test_class_conditional_glow_can_learn_a_template_per_class():
     assert moved.sum() == 1
     with pytest.raises(ValueError, match="class_prior must be one of"):
         Glow(image_shape=(1, 8, 8), num_classes=3, class_prior="pixel")
+
+
+def test_glow_class_couplings_give_every_coupling_network_the_label():
+    """class_couplings=true: each coupling network also sees one-hot label maps; still exact."""
+    torch.manual_seed(0)
+    g = _perturbed_conditional(Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0, num_classes=3,
+                                    class_couplings=True, scale="bounded", net="gated"))
+    x, y = torch.rand(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    z, ld = g.transform(x, y)
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda row: g.transform(row.unsqueeze(0), y[i : i + 1])[0][0], x[i])
+        torch.testing.assert_close(ld[i], torch.linalg.slogdet(jac.reshape(64, 64))[1], atol=1e-8, rtol=0)
+    torch.testing.assert_close(g.inverse(z, y)[0], x, atol=1e-10, rtol=0)
+    prior = g.final.transforms[-1]
+    with torch.no_grad():  # with the prior's embedding at zero, the label still moves z: through the couplings
+        prior.embedding.weight.zero_()
+        assert not torch.allclose(g.transform(x, y)[0], g.transform(x, y.roll(1))[0])
+    with pytest.raises(ValueError, match="class_couplings=true needs a class-conditional model"):
+        Glow(image_shape=(1, 8, 8), class_couplings=True)

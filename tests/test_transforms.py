@@ -56,7 +56,8 @@ LAYERS = {
     ).eval(),
 }
 CONDITIONAL = {"affine-conditional", "latent-stack"}
-LABELLED = {"class-prior-flat", "class-prior-image", "class-prior-per-position"}  # layers whose context is a label (B,)
+LABELLED = {"class-prior-flat", "class-prior-image", "class-prior-per-position",  # layers whose context is a label (B,)
+            "coupling-channel-bounded-gated-labelled", "coupling-checkerboard-sigmoid-labelled"}
 
 # Image layers run on (B, C, H, W) inputs of these shapes; flat layers on (B, 6) or (B, 5).
 IMAGE_LAYERS = {
@@ -78,6 +79,10 @@ IMAGE_LAYERS = {
                                                                      net="gated"), (2, 4, 4)),
     "coupling-channel-bounded-gated": (lambda: AffineCoupling2d(4, "channel", 1, 4, 2, scale="bounded", net="gated"),
                                        (4, 2, 2)),
+    "coupling-channel-bounded-gated-labelled": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1, scale="bounded",
+                                                                         net="gated", num_classes=3), (4, 2, 2)),
+    "coupling-checkerboard-sigmoid-labelled": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0, "sigmoid", 0.2,
+                                                                        num_classes=3).eval(), (2, 2, 2)),
     "sigmoid": (lambda: Inverse(Logit(0.0)), (1, 2, 2)),
     "glow-step": (lambda: Composite([_initialized(ActNorm(4), (4, 2, 2)), InvConv1x1(4),
                                      AffineCoupling2d(4, "channel", 0, 4, 0, scale="sigmoid")]).eval(), (4, 2, 2)),

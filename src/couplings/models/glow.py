@@ -35,6 +35,7 @@ class GlowConfig:
     min_scale: float = 0.3
     num_classes: int = 0  # > 0: class-conditional, a learned prior of the top latent per class
     class_prior: str = "channel"  # "channel" (the paper: a mean and scale per channel) or "position" (per pixel too)
+    class_couplings: bool = False  # with num_classes: every coupling network also sees the label (one-hot maps)
     net: str = "resnet"  # the couplings' networks: "resnet" or "gated" (Flow++)
     scale: str = "sigmoid"  # "sigmoid" (the paper, bounded below by min_scale) or "bounded": c * tanh(h / c)
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
@@ -51,6 +52,8 @@ class GlowConfig:
             raise ValueError(f"alpha must be in [0, 0.5) (or none), found {self.alpha}")
         if self.num_classes < 0 or self.dequant_hidden < 1:
             raise ValueError(f"need num_classes >= 0 and dequant_hidden >= 1; found {self.num_classes}, {self.dequant_hidden}")
+        if self.class_couplings and not self.num_classes:
+            raise ValueError("class_couplings=true needs a class-conditional model: set num_classes too")
         check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"),
                      class_prior=("channel", "position"))
         check_image_shape(self.image_shape, self.levels, "levels")
@@ -107,7 +110,7 @@ class Glow(MultiScaleFlow):
             bound = min_scale if config.scale == "sigmoid" else 0.0
             return [ActNorm(channels), InvConv1x1(channels, seed=seed),
                     AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale=config.scale, min_scale=bound,
-                                     net=config.net)]
+                                     net=config.net, num_classes=config.num_classes if config.class_couplings else 0)]
 
         blocks_per_level, out_shapes, priors = [], [], []
         for level in range(config.levels):

@@ -76,6 +76,8 @@ class AffineCoupling(Transform):
                 found = None if y is None else tuple(y.shape)
                 raise ValueError(f"expected a context of shape ({x_a.shape[0]}, {self.context_dim}), found {found}")
             x_a = torch.cat([x_a, y.to(x_a.dtype)], dim=1)
+        elif self.num_classes:
+            x_a = torch.cat([x_a, self._label_maps(y, x_a)], dim=1)
         s, t = self.net(x_a).chunk(2, dim=1)
         return torch.tanh(s), t
 
@@ -128,14 +130,20 @@ class AffineCoupling2d(Transform):
         net: "resnet" (Real NVP's weight-normed ResNet) or "gated" (`couplings.nn.GatedConvNet`).
         context_channels: Channels of an image-shaped context ``y`` (B, K, H, W) that the network
             also sees (e.g. the image a dequantization noise is conditioned on); 0 for none.
+        num_classes: > 0: the context ``y`` is a batch of labels (B,) in 0..num_classes-1, and the
+            network also sees each label as num_classes one-hot channels, constant over the image
+            (a class-conditional coupling); 0 for none. Not together with ``context_channels``.
 
     References:
         Dinh et al., Real NVP, 2017; Kingma and Dhariwal, Glow, 2018; Ho et al., Flow++, 2019.
     """
 
     def __init__(self, channels: int, mask: str, parity: int, hidden: int, blocks: int, scale: str = "tanh",
-                 min_scale: float = 0.0, *, net: str = "resnet", context_channels: int = 0):
+                 min_scale: float = 0.0, *, net: str = "resnet", context_channels: int = 0, num_classes: int = 0):
         super().__init__()
+        if num_classes < 0 or (num_classes and context_channels):
+            raise ValueError(f"num_classes must be >= 0 and not given with context_channels; found {num_classes}, {context_channels}")
+        self.num_classes = num_classes
         if not 0 <= min_scale < 1 or (min_scale and scale != "sigmoid"):
             raise ValueError(f"min_scale must be in [0, 1), and only with scale='sigmoid'; found {min_scale}")
         self.min_scale = min_scale
@@ -150,7 +158,7 @@ class AffineCoupling2d(Transform):
             n_in, n_out = channels + 1, channels
         else:
             n_in, n_out = channels // 2, channels // 2
-        self.net = coupling_net(net, n_in + context_channels, 2 * n_out, hidden, blocks)
+        self.net = coupling_net(net, n_in + context_channels + num_classes, 2 * n_out, hidden, blocks)
         # a in a * tanh(h), or f in c = exp(f): one per output channel, starting at 0
         self.tanh_factor = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "tanh" else None
         self.log_bound = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "bounded" else None
@@ -166,6 +174,8 @@ class AffineCoupling2d(Transform):
                 raise ValueError(f"expected a context of shape (B, {self.context_channels}, "
                                  f"{x_a.shape[2]}, {x_a.shape[3]}), found {found}")
             x_a = torch.cat([x_a, y.to(x_a.dtype)], dim=1)
+        elif self.num_classes:
+            x_a = torch.cat([x_a, self._label_maps(y, x_a)], dim=1)
         h, t = self.net(x_a).chunk(2, dim=1)
         if self.scale == "tanh":
             log_s, scale = self.tanh_factor * torch.tanh(h), None
@@ -197,6 +207,15 @@ class AffineCoupling2d(Transform):
         log_s, scale, t = self._scale_shift(a, y)
         b = self._affine(b, scale, t, direction)
         return torch.cat([b, a] if self.parity else [a, b], 1), self._log_det(log_s, direction)
+
+    def _label_maps(self, y: Tensor | None, x: Tensor) -> Tensor:
+        """Labels (B,) as one-hot maps (B, num_classes, H, W) of ``x``'s size and dtype."""
+        if y is None or y.shape != (x.shape[0],) or y.min() < 0 or y.max() >= self.num_classes:
+            found = None if y is None else tuple(y.shape)
+            raise ValueError(f"this coupling is class-conditional: expected labels of shape ({x.shape[0]},) "
+                             f"in 0..{self.num_classes - 1}, found {found}")
+        one_hot = F.one_hot(y.long(), self.num_classes).to(x.dtype)  # (B, K)
+        return one_hot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
 
     def _checkerboard(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The (1, 1, H, W) mask of x's size, dtype and device and its complement, built once (and
