@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python results/provenance.py > results/provenance.txt
 """
-import glob, os
+import glob
+import os
 
 import torch
 

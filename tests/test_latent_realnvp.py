@@ -197,7 +197,8 @@ def test_presets_default_is_the_measured_recipe_and_origin_the_seed_projects():
     entry = MODELS["latent-realnvp"]
     assert next(iter(entry.presets)) == "default"
     model, train = entry.preset("default")
-    assert model == {"hidden_units": 256, "class_prior": True, "ae_channels": 64} and train == {"lr": 1e-3, "epochs": 20, "ae_lr": 3e-3}
+    assert model == {"hidden_units": 256, "class_prior": True, "ae_channels": 64}
+    assert train == {"lr": 1e-3, "epochs": 20, "ae_lr": 3e-3}
     model, train = entry.preset("origin")
     assert model == {} and train == {"epochs": 20}  # 9 couplings x 100 units, Adam 1e-4, 10 + 20 epochs
     assert LatentRealNVP().config.couplings == 9 and entry.train_config().lr == 1e-4

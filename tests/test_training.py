@@ -111,7 +111,8 @@ def test_learning_rate_schedules():
     assert lr_factor(exponential, 5, 10) == pytest.approx(0.5**0.5)  # per epoch, continuously
     cosine = TrainConfig(lr_schedule="cosine", schedule_steps=100, warmup_steps=10)
     assert lr_factor(cosine, 10, 7) == 1.0 and lr_factor(cosine, 60, 7) == pytest.approx(0.5)
-    assert lr_factor(cosine, 110, 7) == pytest.approx(0.0, abs=1e-12) and lr_factor(cosine, 500, 7) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(cosine, 110, 7) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(cosine, 500, 7) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(TrainConfig(lr_schedule="cosine", epochs=2), 10, 10) == pytest.approx(0.5)  # default: all epochs
     with pytest.raises(ConfigError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")

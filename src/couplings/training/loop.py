@@ -61,8 +61,9 @@ class EpochPass:
 def start_pass(n: int, index: int, cfg: TrainConfig, device: torch.device, state: dict | None) -> EpochPass:
     """Pass ``index`` over ``n`` examples in full batches of a permutation drawn from (seed, index)
     alone, so that a resumed run draws exactly what an uninterrupted one would (the ragged last
-    batch is dropped; with ``cfg.shuffle`` off, the batches follow the stored order). If checkpoint ``state`` stopped inside this pass, it continues from the
-    next batch with the same noise generator state."""
+    batch is dropped; with ``cfg.shuffle`` off, the batches follow the stored order). If
+    checkpoint ``state`` stopped inside this pass, it continues from the next batch with the same
+    noise generator state."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + index)
     order = torch.randperm(n, generator=generator, device=device) if cfg.shuffle else torch.arange(n, device=device)
     count = n // cfg.batch_size

@@ -142,7 +142,8 @@ class AffineCoupling2d(Transform):
                  min_scale: float = 0.0, *, net: str = "resnet", context_channels: int = 0, num_classes: int = 0):
         super().__init__()
         if num_classes < 0 or (num_classes and context_channels):
-            raise ValueError(f"num_classes must be >= 0 and not given with context_channels; found {num_classes}, {context_channels}")
+            raise ValueError("num_classes must be >= 0 and not given with context_channels; "
+                             f"found {num_classes}, {context_channels}")
         self.num_classes = num_classes
         if not 0 <= min_scale < 1 or (min_scale and scale != "sigmoid"):
             raise ValueError(f"min_scale must be in [0, 1), and only with scale='sigmoid'; found {min_scale}")
