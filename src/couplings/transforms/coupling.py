@@ -76,8 +76,6 @@ class AffineCoupling(Transform):
                 found = None if y is None else tuple(y.shape)
                 raise ValueError(f"expected a context of shape ({x_a.shape[0]}, {self.context_dim}), found {found}")
             x_a = torch.cat([x_a, y.to(x_a.dtype)], dim=1)
-        elif self.num_classes:
-            x_a = torch.cat([x_a, self._label_maps(y, x_a)], dim=1)
         s, t = self.net(x_a).chunk(2, dim=1)
         return torch.tanh(s), t
 
