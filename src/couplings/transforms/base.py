@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-__all__ = ["Composite", "Inverse", "Transform", "per_sample_sum"]
+__all__ = ["Composite", "Inverse", "Transform", "check_labels", "per_sample_sum"]
 
 
 class Transform(nn.Module):
@@ -71,3 +71,12 @@ class Inverse(Transform):
 def per_sample_sum(x: Tensor) -> Tensor:
     """(B, ...) -> (B,): the sum over everything but the batch dimension."""
     return x.flatten(1).sum(1)
+
+
+def check_labels(y: Tensor | None, batch: int, num_classes: int) -> None:
+    """Raises a clear error unless ``y`` is a batch of ``batch`` labels in 0..num_classes-1 (the
+    context of a class-conditional layer)."""
+    if y is None or y.shape != (batch,) or y.min() < 0 or y.max() >= num_classes:
+        found = None if y is None else y.tolist()
+        raise ValueError(f"this flow is class-conditional: expected labels of shape ({batch},) "
+                         f"in 0..{num_classes - 1}, found {found}")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from couplings.nn import coupling_net, mlp
-from couplings.transforms.base import Transform, per_sample_sum
+from couplings.transforms.base import Transform, check_labels, per_sample_sum
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "AffineCoupling2d", "checkerboard"]
 
@@ -209,10 +209,7 @@ class AffineCoupling2d(Transform):
 
     def _label_maps(self, y: Tensor | None, x: Tensor) -> Tensor:
         """Labels (B,) as one-hot maps (B, num_classes, H, W) of ``x``'s size and dtype."""
-        if y is None or y.shape != (x.shape[0],) or y.min() < 0 or y.max() >= self.num_classes:
-            found = None if y is None else tuple(y.shape)
-            raise ValueError(f"this coupling is class-conditional: expected labels of shape ({x.shape[0]},) "
-                             f"in 0..{self.num_classes - 1}, found {found}")
+        check_labels(y, x.shape[0], self.num_classes)
         one_hot = F.one_hot(y.long(), self.num_classes).to(x.dtype)  # (B, K)
         return one_hot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
 

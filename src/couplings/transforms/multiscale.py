@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from couplings.transforms.base import Transform
+from couplings.transforms.base import Transform, check_labels
 
 __all__ = ["ClassConditionalPrior", "LearnedSplitPrior"]
 
@@ -58,10 +58,7 @@ class ClassConditionalPrior(Transform):
         nn.init.zeros_(self.embedding.weight)
 
     def _stats(self, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if y is None or y.shape != (x.shape[0],) or y.min() < 0 or y.max() >= self.num_classes:
-            found = None if y is None else y.tolist()
-            raise ValueError(f"this flow is class-conditional: expected labels of shape ({x.shape[0]},) "
-                             f"in 0..{self.num_classes - 1}, found {found}")
+        check_labels(y, x.shape[0], self.num_classes)
         stats = self.embedding(y.long()).to(x.dtype)  # (B, 2C), or (B, 2C H W) per position
         if self.shape:
             if x.dim() != 4 or x.shape[2:] != self.shape:
