@@ -22,6 +22,7 @@ def small_models():
     return {
         "nice-logistic": NICE(dim=784, couplings=4, hidden_layers=2, hidden_units=16),
         "nice-gaussian": NICE(dim=784, couplings=3, hidden_layers=1, hidden_units=8, prior="gaussian"),
+        "nice-data-init": NICE(dim=784, couplings=2, hidden_layers=1, hidden_units=8, scale_init="data"),
         "realnvp": RealNVP(hidden=4, blocks=1),
         "glow": Glow(steps=2, hidden=4, blocks=1),
         "glow-fast-layers": Glow(steps=2, hidden=4, blocks=1, alpha=1e-5, net="gated", scale="bounded"),
@@ -105,6 +106,19 @@ def test_save_load_gives_equal_outputs(model, tmp_path):
 def test_wrong_input_shape_is_a_clear_error(model):
     with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 1, 28, 28\) or \(B, 784\), found \(2, 1, 27, 27\)"):
         model.log_prob(torch.rand(2, 1, 27, 27))
+
+
+def test_nice_data_init_spreads_the_first_batch_like_the_prior():
+    torch.manual_seed(0)
+    model = NICE(dim=784, couplings=2, hidden_layers=1, hidden_units=8, scale_init="data")
+    x = torch.rand(256, 784) / 256 + (torch.rand(256, 784) < 0.2)  # mostly dequantization noise, like MNIST
+    model.train()
+    model.log_prob(x)
+    z, _ = model.transform(x)
+    torch.testing.assert_close(z.std(dim=0, unbiased=False), torch.full((784,), math.pi / math.sqrt(3)), rtol=1e-3, atol=0)
+    assert float(model.flow.transforms[-1].log_scale.abs().min()) > 0.1  # not the paper's s = 0
+    with pytest.raises(ValueError, match="scale_init"):
+        NICE(scale_init="ones")
 
 
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])

@@ -43,6 +43,7 @@ LAYERS = {
     "additive-odd": lambda: AdditiveCoupling(6, parity=1, hidden_layers=2, hidden_units=8),
     "additive-odd-dim": lambda: AdditiveCoupling(5, parity=1, hidden_layers=1, hidden_units=4),
     "scaling": lambda: DiagonalScaling(6),
+    "scaling-data-init": lambda: _initialized(DiagonalScaling(6, init="data", target_std=1.8), (6,)),
     "composite": lambda: Composite(
         [AdditiveCoupling(6, 0, 1, 8), AdditiveCoupling(6, 1, 1, 8), DiagonalScaling(6)]
     ),
@@ -90,8 +91,8 @@ IMAGE_LAYERS = {
 LAYERS.update({name: factory for name, (factory, _) in IMAGE_LAYERS.items()})
 
 
-def _initialized(layer: ActNorm, shape) -> ActNorm:
-    """ActNorm after its data-dependent initialisation on a batch unlike the test inputs."""
+def _initialized(layer: Transform, shape) -> Transform:
+    """A layer (ActNorm, DiagonalScaling) after its data-dependent initialisation on a batch unlike the test inputs."""
     layer(3 * torch.randn(16, *shape) + 1)
     return layer
 
@@ -160,6 +161,22 @@ def test_scaling_starts_as_identity():
     x = torch.randn(3, 4)
     z, ld = DiagonalScaling(4)(x)
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(3))
+
+
+def test_scaling_data_init_gives_the_target_spread_once():
+    layer = DiagonalScaling(3, init="data", target_std=2.0)
+    x = torch.randn(500, 3) * torch.tensor([0.001, 1.0, 30.0]) + 5
+    z, ld = layer(x)
+    torch.testing.assert_close(z.std(dim=0, unbiased=False), torch.full((3,), 2.0), rtol=1e-3, atol=0)
+    torch.testing.assert_close(ld, layer.log_scale.sum().expand(500))
+    scale = layer.log_scale.detach().clone()
+    layer(torch.randn(10, 3))  # a second batch leaves it alone
+    assert torch.equal(layer.log_scale, scale)
+    loaded = DiagonalScaling(3, init="data")
+    loaded.load_state_dict(layer.state_dict())
+    assert bool(loaded.initialized) and torch.equal(loaded.log_scale, scale)
+    with pytest.raises(ValueError, match="init"):
+        DiagonalScaling(3, init="ones")
 
 
 def test_bad_arguments():

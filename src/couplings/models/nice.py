@@ -23,6 +23,7 @@ class NICEConfig:
     hidden_layers: int = 5
     hidden_units: int = 1000
     prior: str = "logistic"
+    scale_init: str = "zero"  # "zero" (the paper) or "data": the first batch sets the scaling to the prior's spread
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of dim pixels; None: (1, 28, 28) for dim 784, else flat
 
     def __post_init__(self):
@@ -35,6 +36,8 @@ class NICEConfig:
                 raise ValueError(f"image_shape must be (C, H, W) with C * H * W = dim = {self.dim}, found {self.image_shape}")
         if self.prior not in ("logistic", "gaussian"):
             raise ValueError(f"prior must be 'logistic' or 'gaussian', found {self.prior!r}")
+        if self.scale_init not in ("zero", "data"):
+            raise ValueError(f"scale_init must be 'zero' or 'data', found {self.scale_init!r}")
 
 
 NICE_PRESETS = {
@@ -80,7 +83,8 @@ class NICE(Flow):
         dim = config.dim
         self.event_shape = config.image_shape or ((1, 28, 28) if dim == 28 * 28 else (dim,))
         layers = [AdditiveCoupling(dim, i % 2, config.hidden_layers, config.hidden_units) for i in range(config.couplings)]
-        self.flow = Composite([*layers, DiagonalScaling(dim)])
+        prior_std = math.pi / math.sqrt(3) if config.prior == "logistic" else 1.0
+        self.flow = Composite([*layers, DiagonalScaling(dim, config.scale_init, prior_std)])
         self.prior = make_prior(config.prior, dim)
 
     def transform(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -5,23 +5,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from couplings import distributed
 from couplings.transforms.base import Transform
 
 __all__ = ["DiagonalScaling", "InvConv1x1", "Permutation"]
 
 
 class DiagonalScaling(Transform):
-    """``z = exp(s) * x`` with a learned ``s`` initialised at 0; log-det ``sum(s)``.
+    """``z = exp(s) * x`` with a learned ``s``; log-det ``sum(s)``.
+
+    ``init="zero"`` starts at ``s = 0`` (the paper). ``init="data"`` sets ``s`` from the first
+    batch it sees, so that every output has standard deviation ``target_std`` (the prior's), where
+    Adam would otherwise walk ``s`` there from 0 at about its learning rate per step. The
+    ``initialized`` flag is a buffer (only with ``init="data"``), so a loaded model never
+    re-initialises.
 
     References:
         Dinh et al., NICE, 2014, section 3.3 (the only volume change in NICE).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, init: str = "zero", target_std: float = 1.0):
         super().__init__()
+        if init not in ("zero", "data"):
+            raise ValueError(f"init must be 'zero' or 'data', found {init!r}")
         self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.target_std = target_std
+        if init == "data":
+            self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        mean = distributed.mean_over_ranks(x.mean(dim=0))
+        std = distributed.mean_over_ranks((x - mean).square().mean(dim=0)).sqrt()
+        self.log_scale.copy_(torch.log(self.target_std / (std + 1e-6)))
+        self.initialized.fill_(True)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if hasattr(self, "initialized") and not self.initialized:
+            self._initialize(x)
         return x * self.log_scale.exp(), self.log_scale.sum().expand(x.shape[0])
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
