@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 
 from conftest import cli_child
 from couplings import checkpoint
@@ -30,6 +32,7 @@ PIXEL_ONLY = {
     "eval_batch_size": ["--set", "eval_batch_size=10"],
     "wn_l2": ["--set", "wn_l2=0.001"],
     "ema_decay": ["--set", "ema_decay=0.999"],
+    "init_from": ["--set", "init_from=pretrained:nice-small-mnist"],
 }
 
 
@@ -201,3 +204,42 @@ def test_passes_are_shuffled_per_seed_and_epoch_unless_shuffle_is_off():
     assert len(order()) == 90 and not torch.equal(order(), torch.arange(90))  # full batches of a permutation
     assert torch.equal(order(), order()) and not torch.equal(order(), order(seed=1))
     assert torch.equal(order(shuffle=False), torch.arange(90))  # the stored order, the ragged batch dropped
+
+
+def test_init_from_starts_a_new_run_from_the_weights_of_another(tiny_dataset, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    options = {"dataset": "tiny", "val_size": 50, "batch_size": 40, "samples_per_epoch": 4, "ema_decay": 0.9}
+    train("nice", first, train_overrides={**options, "max_steps": 3}, model_overrides={"hidden_units": 32},
+          size="small", progress=False)
+    averaged = checkpoint.load(first / "best.pt")["ema_state"]
+    plan = plan_run("nice", second, train_overrides={**options, "init_from": str(first)},
+                    model_overrides={"hidden_units": 32}, size="small")
+    start = plan.model_object.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in averaged.items())  # the Polyak averages, where it kept them
+    fresh = plan_run("nice", second, train_overrides=options, model_overrides={"hidden_units": 32}, size="small")
+    assert not all(torch.equal(fresh.model_object.state_dict()[k], v) for k, v in averaged.items())
+    train("nice", second, train_overrides={**options, "init_from": str(first), "max_steps": 1},
+          model_overrides={"hidden_units": 32}, size="small", progress=False)
+    state = checkpoint.load(second / "last.pt")
+    assert state["step"] == 1 and state["train"]["init_from"] == str(first)  # a fresh optimizer: one step of its own
+
+
+def test_init_from_a_pretrained_model(tiny_dataset, tmp_path):
+    plan = plan_run("nice", tmp_path / "run", size="small",
+                    train_overrides={"dataset": "tiny", "val_size": 50, "init_from": "pretrained:nice-small-mnist"})
+    shipped = checkpoint.load(checkpoint.pretrained_path("nice-small-mnist"))["model_state"]
+    assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped.items())
+
+
+@pytest.mark.parametrize("model, size, model_overrides, source, message", [
+    ("realnvp", "small", {}, "pretrained:nice-small-mnist", "holds a 'nice' model, not a 'realnvp' one"),
+    ("nice", "small", {"hidden_units": 32}, "pretrained:nice-small-mnist", "hidden_units=32 (it has "),
+    ("nice", "small", {}, "pretrained:no-such-model", "no pretrained model 'no-such-model'"),
+    ("nice", "small", {}, "missing.pt", "no such checkpoint or run directory: missing.pt"),
+])
+def test_init_from_refuses_what_does_not_fit_and_writes_nothing(tiny_dataset, tmp_path, model, size, model_overrides,
+                                                                  source, message):
+    with pytest.raises(ConfigError, match=re.escape(f"init_from={source}: ") + ".*" + re.escape(message)):
+        plan_run(model, tmp_path / "run", size=size, model_overrides=model_overrides,
+                 train_overrides={"dataset": "tiny", "val_size": 50, "init_from": source})
+    assert not (tmp_path / "run").exists()

@@ -110,6 +110,9 @@ class PixelTrainConfig(TrainConfig):
     channels_last: bool = False  # channels-last memory format for the convolutions
     adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
     ema_decay: float | None = None  # Polyak (EMA) weights for validation, best.pt, eval and sampling, e.g. 0.999
+    # Start from the weights of a checkpoint or run directory of the same model and options, or of
+    # "pretrained:NAME" (its Polyak averages if it kept them), with a fresh optimizer and schedule.
+    init_from: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,6 +128,8 @@ class PixelTrainConfig(TrainConfig):
             raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")
         if self.wn_l2 < 0:
             raise ConfigError(f"need wn_l2 >= 0, found {self.wn_l2}")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("init_from must name a checkpoint, a run directory or pretrained:NAME (or none)")
 
 
 @dataclass

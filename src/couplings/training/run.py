@@ -4,6 +4,7 @@ which holds the run directory's lock and hands the run to its model's trainer.""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from couplings import checkpoint, data, distributed
-from couplings.config import ConfigError, TrainConfig, apply_overrides, from_stored
+from couplings.config import ConfigError, TrainConfig, apply_overrides, format_value, from_stored
 from couplings.files import WriteError
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS, Flow, build_model
@@ -172,37 +173,34 @@ def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: di
     cfg = apply_overrides(entry.train_config(), {**preset_train, **train_overrides})  # what is given wins
     model_config = asdict(_model_config(model_name, cfg, preset_model, model_overrides, data_root))
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    return RunPlan(model_name, size, model_config, cfg, run_dir, None, build_model(model_name, model_config))
+    model = build_model(model_name, model_config)
+    if getattr(cfg, "init_from", None):
+        _load_initial_weights(model_name, model_config, model, cfg.init_from)
+    return RunPlan(model_name, size, model_config, cfg, run_dir, None, model)
 
 
-def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
-             data_root=None) -> RunPlan:
-    if not run_dir.checkpoints() and run_dir.never_checkpointed():  # killed before its step-0 checkpoint
-        plan = _new(model_name, run_dir, size, model_overrides, train_overrides, restart=True, data_root=data_root)
-        plan.note = f"warning: {run_dir.path} stopped before its first checkpoint; starting it from the beginning"
-        return plan
-    _, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
-    model = build_model(state["model"], state["model_config"])  # its weights are loaded when training starts
-    if state["model"] != model_name:
-        raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state['model']!r} run")
-    stored = from_stored(MODELS[model_name].train_config, state["train"])
-    changed = [k for k, v in model_overrides.items() if state["model_config"].get(k) != v]
-    changed += [k for k, v in train_overrides.items() if k not in RESUMABLE_OPTIONS and getattr(stored, k) != v]
-    if size is not None and size != state["size"]:
-        changed.insert(0, "size")
-    if changed:
-        raise ConfigError(
-            f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
-        )
-    trained_on, now = state.get("world_size", 1), distributed.world_size()
-    if trained_on != now:  # each rank's share of a batch, so the float rounding and batch-norm statistics, would change
-        launch = f"torchrun --nproc_per_node {trained_on}" if trained_on > 1 else "one process, without torchrun"
-        raise ConfigError(f"--resume: {run_dir.path} was trained on {trained_on} process(es), not {now}; "
-                          f"resume it the same way ({launch}) to continue it exactly")
-    # A time budget belongs to one invocation: a resumed run has none unless given again.
-    resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
-    cfg = apply_overrides(stored, {"max_minutes": None, **resumable})
-    return RunPlan(model_name, state["size"], state["model_config"], cfg, run_dir, state, model)
+def _load_initial_weights(model_name: str, model_config: dict, model: Flow, source: str) -> None:
+    """Loads the weights named by option ``init_from`` (a checkpoint, a run directory or
+    ``pretrained:NAME``; the Polyak averages where it kept them) into a new run's model, which
+    must have the model options they were trained with."""
+    name = source.removeprefix("pretrained:")
+    try:
+        payload = checkpoint.load(checkpoint.pretrained_path(name) if name != source else source)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"init_from={source}: {e}") from None
+    if payload["model"] != model_name:
+        raise ConfigError(f"init_from={source}: it holds a {payload['model']!r} model, not a {model_name!r} one")
+    plain = json.loads(json.dumps(model_config))  # tuples as lists, as checkpoints store them
+    differ = [f"{k}={format_value(plain[k])} (it has {format_value(v)})"
+              for k, v in payload["model_config"].items() if k in plain and plain[k] != v]
+    if differ:  # an option it lacks was added to couplings after it was trained, at its default
+        raise ConfigError(f"init_from={source}: a model with other options; {', '.join(differ)}")
+    try:
+        model.load_state_dict(payload.get("ema_state") or payload["model_state"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"init_from={source}: its weights do not fit this {model_name}: "
+                          f"{lines[1] if len(lines) > 1 else lines[0]}") from None
 
 
 def train(
