@@ -111,10 +111,10 @@ def test_pretrained_models_are_found_from_an_installed_wheel(tmp_path):
                    check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = wheels.glob("couplings-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
-    code = ("import couplings.checkpoint as c; p = c.pretrained_path('glow-small-mnist'); "
+    code = ("import couplings.checkpoint as c; p = c.pretrained_path('glow-cond-mnist'); "
             "m, s = c.load_model(p); print(p, type(m).__name__, s['provenance']['test_bits_per_dim'])")
     env = {**os.environ, "PYTHONPATH": str(target)}
     env.pop("COUPLINGS_PRETRAINED", None)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.split()
-    assert Path(out[0]).is_relative_to(target) and out[1] == "Glow" and float(out[2]) == pytest.approx(2.3268, abs=1e-4)
+    assert Path(out[0]).is_relative_to(target) and out[1] == "Glow" and float(out[2]) == pytest.approx(1.0835, abs=1e-4)

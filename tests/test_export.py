@@ -14,12 +14,12 @@ pytest.importorskip("safetensors")
 
 
 def test_a_safetensors_export_loads_back_to_the_same_model(tmp_path, capsys):
-    source = checkpoint.pretrained_path("glow-small-mnist")
-    out = tmp_path / "glow"
+    source = checkpoint.pretrained_path("realnvp-fast-mnist")
+    out = tmp_path / "realnvp"
     assert main(["export", str(source), "--format", "safetensors", "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
-    assert config["format"] == "couplings-safetensors" and config["model"] == "glow"
+    assert config["format"] == "couplings-safetensors" and config["model"] == "realnvp"
     original, _ = checkpoint.load_model(source)
     exported, payload = checkpoint.load_model(out)  # the directory, as a run directory is given
     assert payload["model_config"] == json.loads(json.dumps(checkpoint.load(source)["model_config"]))

@@ -38,7 +38,7 @@ def test_the_installed_wheel_samples_and_evaluates_pretrained_models(tmp_path):
     where = subprocess.run([str(python), "-c", "import couplings; print(couplings.__file__)"], cwd=elsewhere, env=env,
                            check=True, capture_output=True, text=True).stdout
     assert where.startswith(site), where  # the installed copy, not the source tree
-    sample = subprocess.run([couplings, "sample", "--pretrained", "glow-small-mnist", "-n", "8", "-o", "out.png"],
+    sample = subprocess.run([couplings, "sample", "--pretrained", "glow-cond-mnist", "-n", "8", "-o", "out.png"],
                             cwd=elsewhere, env=env, capture_output=True, text=True)
     assert sample.returncode == 0, sample.stderr
     assert (elsewhere / "out.png").stat().st_size > 0
