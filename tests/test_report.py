@@ -192,20 +192,24 @@ def test_report_renders_in_a_real_browser(built_report):
 
 
 def test_each_recipe_gets_one_line_on_its_distance_from_the_published_figure(tmp_path):
-    def run(name, seed, model="realnvp", dataset="mnist", bpd=1.2, published=True):
+    def run(name, seed, model="realnvp", dataset="mnist", bpd=1.2, published=True, num_classes=0):
         result = {"model": model, "dataset": dataset, "bits_per_dim": bpd, "estimate": "bound, one draw"}
         if published:
             result.update(published_bits_per_dim=1.06, published_source="FFJORD paper table")
         return RunSummary(name=name, path=tmp_path, history=[], result=result, seconds_per_64={},
-                          config={"model": model, "model_config": {}, "train": {"seed": seed, "dataset": dataset}})
+                          config={"model": model, "model_config": {"num_classes": num_classes},
+                                  "train": {"seed": seed, "dataset": dataset}})
 
     latent = run("latent", 0, model="latent-realnvp", bpd=None, published=False)
     latent.result["latent_dimensions"] = 20
     seeds = [run("fast-0", 0, bpd=1.10), run("fast-1", 1, bpd=1.14)]
     fashion = run("fashion", 0, dataset="fashion-mnist", published=False)
-    lines = published_gaps([*seeds, latent, fashion])
-    assert len(lines) == 3, lines
+    conditional = run("cond", 0, model="glow", bpd=1.08, num_classes=10)
+    lines = published_gaps([*seeds, latent, fashion, conditional])
+    assert len(lines) == 4, lines
     assert lines[0] == ("fast-0 and 1 more seeds (realnvp): 1.120 bits/dim, bound, one draw, against the published "
                         "1.060 (FFJORD paper table), 0.060 above it (5.7%)")
     assert "no published figure" in lines[1] and "20-d embeddings" in lines[1]
     assert "no published figure for this model on this dataset" in lines[2]
+    assert lines[3].endswith("0.020 above it (1.9%); of p(x | y), the label given, against a published figure of p(x), "
+                             "so not like for like")
