@@ -203,6 +203,36 @@ def _load_initial_weights(model_name: str, model_config: dict, model: Flow, sour
                           f"{lines[1] if len(lines) > 1 else lines[0]}") from None
 
 
+def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
+             data_root=None) -> RunPlan:
+    if not run_dir.checkpoints() and run_dir.never_checkpointed():  # killed before its step-0 checkpoint
+        plan = _new(model_name, run_dir, size, model_overrides, train_overrides, restart=True, data_root=data_root)
+        plan.note = f"warning: {run_dir.path} stopped before its first checkpoint; starting it from the beginning"
+        return plan
+    _, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
+    model = build_model(state["model"], state["model_config"])  # its weights are loaded when training starts
+    if state["model"] != model_name:
+        raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state['model']!r} run")
+    stored = from_stored(MODELS[model_name].train_config, state["train"])
+    changed = [k for k, v in model_overrides.items() if state["model_config"].get(k) != v]
+    changed += [k for k, v in train_overrides.items() if k not in RESUMABLE_OPTIONS and getattr(stored, k) != v]
+    if size is not None and size != state["size"]:
+        changed.insert(0, "size")
+    if changed:
+        raise ConfigError(
+            f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
+        )
+    trained_on, now = state.get("world_size", 1), distributed.world_size()
+    if trained_on != now:  # each rank's share of a batch, so the float rounding and batch-norm statistics, would change
+        launch = f"torchrun --nproc_per_node {trained_on}" if trained_on > 1 else "one process, without torchrun"
+        raise ConfigError(f"--resume: {run_dir.path} was trained on {trained_on} process(es), not {now}; "
+                          f"resume it the same way ({launch}) to continue it exactly")
+    # A time budget belongs to one invocation: a resumed run has none unless given again.
+    resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
+    cfg = apply_overrides(stored, {"max_minutes": None, **resumable})
+    return RunPlan(model_name, state["size"], state["model_config"], cfg, run_dir, state, model)
+
+
 def train(
     model_name: str,
     out: str | os.PathLike,
