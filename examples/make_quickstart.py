@@ -90,7 +90,7 @@ show(samples, "nice-mnist samples", row_labels=[f"T = {t}" for t in temperatures
 
 `bits_per_dim` dequantizes uint8 pixels (`x = (k + u) / 256`) and reports
 `8 - log p(x) / (784 ln 2)`, averaged: lower is better, and a uniform density scores exactly 8.
-On the first 500 test images; the whole test set gives 4.426 (`couplings eval --pretrained
+On the first 500 test images; the whole test set gives 4.252 (`couplings eval --pretrained
 nice-mnist`; the paper reports 4.36)."""),
     ("code", """\
 images, labels = data.load("mnist", "test")  # uint8 (10000, 28, 28), uint8 (10000,)
