@@ -166,11 +166,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         # A run trained with Polyak averaging is evaluated and sampled with the averaged weights.
         model.load_state_dict(payload.get("ema_state") or payload["model_state"])
     except (TypeError, ValueError, RuntimeError) as e:
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        # load_state_dict's first line only names the model; the next one names the first mismatch.
-        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-        raise CheckpointError(f"{resolve(path)}: weights do not fit model {payload['model']!r}: {first}") from None
+        raise CheckpointError(f"{resolve(path)}: weights do not fit model {payload['model']!r}: "
+                              f"{first_mismatch(e)}") from None
     return model.to(device).eval(), payload
+
+
+def first_mismatch(error: Exception) -> str:
+    """The useful line of a ``load_state_dict`` error: its first line only names the model, the
+    next one names the first missing, unexpected or misshapen tensor."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
 
 
 def pretrained_path(name: str) -> Path:

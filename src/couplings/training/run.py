@@ -198,9 +198,8 @@ def _load_initial_weights(model_name: str, model_config: dict, model: Flow, sour
     try:
         model.load_state_dict(payload.get("ema_state") or payload["model_state"])
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ConfigError(f"init_from={source}: its weights do not fit this {model_name}: "
-                          f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+                          f"{checkpoint.first_mismatch(e)}") from None
 
 
 def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
