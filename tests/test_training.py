@@ -231,6 +231,16 @@ def test_init_from_a_pretrained_model(tiny_dataset, tmp_path):
     assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped.items())
 
 
+def test_init_from_a_model_with_a_tuple_option(tiny_dataset, tmp_path):
+    # checkpoints keep image_shape as the tuple it is; the new run's options compare as JSON
+    conditional = {"num_classes": 10, "class_prior": "position", "class_couplings": True}
+    plan = plan_run("glow", tmp_path / "run", size="fast", model_overrides=conditional,
+                    train_overrides={"dataset": "tiny", "val_size": 50, "init_from": "pretrained:glow-cond-mnist"})
+    shipped = checkpoint.load(checkpoint.pretrained_path("glow-cond-mnist"))
+    assert isinstance(shipped["model_config"]["image_shape"], tuple)
+    assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped["model_state"].items())
+
+
 @pytest.mark.parametrize("model, size, model_overrides, source, message", [
     ("realnvp", "small", {}, "pretrained:nice-small-mnist", "holds a 'nice' model, not a 'realnvp' one"),
     ("nice", "small", {"hidden_units": 32}, "pretrained:nice-small-mnist", "hidden_units=32 (it has "),

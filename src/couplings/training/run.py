@@ -190,9 +190,9 @@ def _load_initial_weights(model_name: str, model_config: dict, model: Flow, sour
         raise ConfigError(f"init_from={source}: {e}") from None
     if payload["model"] != model_name:
         raise ConfigError(f"init_from={source}: it holds a {payload['model']!r} model, not a {model_name!r} one")
-    plain = json.loads(json.dumps(model_config))  # tuples as lists, as checkpoints store them
-    differ = [f"{k}={format_value(plain[k])} (it has {format_value(v)})"
-              for k, v in payload["model_config"].items() if k in plain and plain[k] != v]
+    ours, theirs = (json.loads(json.dumps(c)) for c in (model_config, payload["model_config"]))  # tuples as lists
+    differ = [f"{k}={format_value(ours[k])} (it has {format_value(v)})"
+              for k, v in theirs.items() if k in ours and ours[k] != v]
     if differ:  # an option it lacks was added to couplings after it was trained, at its default
         raise ConfigError(f"init_from={source}: a model with other options; {', '.join(differ)}")
     try:
