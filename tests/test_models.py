@@ -317,3 +317,31 @@ def test_glow_class_couplings_give_every_coupling_network_the_label():
         assert not torch.allclose(g.transform(x, y)[0], g.transform(x, y.roll(1))[0])
     with pytest.raises(ValueError, match="class_couplings=true needs a class-conditional model"):
         Glow(image_shape=(1, 8, 8), class_couplings=True)
+
+
+def test_glow_class_loss_classifies_the_top_latent_and_stays_out_of_the_density():
+    """class_loss_weight=w: w D cross-entropy (nats) of a linear classifier of the top latent's
+    channel means (the latent before its class prior); log p(x | y) does not depend on it."""
+    torch.manual_seed(0)
+    g = _perturbed_conditional(Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0, num_classes=3,
+                                    class_prior="position", class_loss_weight=0.05))
+    pixels, noise, y = torch.randint(0, 256, (6, 1, 8, 8)), torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    log_p, z = g.pixel_log_prob_and_latent(pixels, noise, y)
+    torch.testing.assert_close(log_p, g.pixel_log_prob(pixels, noise, y))
+    with torch.no_grad():
+        g.classifier.weight.zero_()
+        g.classifier.bias.zero_()
+    torch.testing.assert_close(g.class_loss(z, y), torch.tensor(0.05 * 64 * math.log(3), dtype=torch.float64))  # uniform over 3 classes
+    with torch.no_grad():  # the classifier's input is the top latent before the prior: h = z sigma(y) + mu(y)
+        top = g.final.transforms[-1].inverse(z[:, -32:].reshape(6, 8, 2, 2), y)[0]
+        g.classifier.weight.normal_()
+        expected = 0.05 * 64 * torch.nn.functional.cross_entropy(g.classifier(top.mean(dim=(2, 3))), y)
+        torch.testing.assert_close(g.class_loss(z, y), expected)
+        torch.testing.assert_close(g.pixel_log_prob(pixels, noise, y), log_p)  # the density ignores the classifier
+    g.zero_grad()
+    g.class_loss(g.pixel_log_prob_and_latent(pixels, noise, y)[1], y).backward()
+    flow_grads = [p.grad for name, p in g.named_parameters() if not name.startswith("classifier.")]
+    assert any(grad is not None and grad.abs().sum() > 0 for grad in flow_grads)  # it trains the flow too
+    assert Glow(image_shape=(1, 8, 8), num_classes=3).class_loss(z, y) is None
+    with pytest.raises(ValueError, match="class_loss_weight must be >= 0, and > 0 only with num_classes"):
+        Glow(image_shape=(1, 8, 8), class_loss_weight=0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import subprocess
@@ -239,6 +240,44 @@ def test_init_from_a_model_with_a_tuple_option(tiny_dataset, tmp_path):
     shipped = checkpoint.load(checkpoint.pretrained_path("glow-cond-mnist"))
     assert isinstance(shipped["model_config"]["image_shape"], tuple)
     assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped["model_state"].items())
+
+
+def test_init_from_may_add_or_drop_the_glow_class_loss(tiny_dataset, tmp_path):
+    """class_loss_weight only adds a classifier that starts at zero, so it may differ from the
+    source's: added, the flow's weights are the source's and the classifier is zero; dropped, the
+    classifier is left behind."""
+    conditional = {"num_classes": 10, "class_prior": "position", "class_couplings": True}
+    options = {"dataset": "tiny", "val_size": 50, "batch_size": 20, "samples_per_epoch": 1}
+    added, with_loss = tmp_path / "added", {**conditional, "class_loss_weight": 0.05}
+    from_shipped = {**options, "init_from": "pretrained:glow-cond-mnist"}
+    start = plan_run("glow", added, size="fast", model_overrides=with_loss, train_overrides=from_shipped).model_object
+    start = start.state_dict()
+    shipped = checkpoint.load(checkpoint.pretrained_path("glow-cond-mnist"))["model_state"]
+    assert all(torch.equal(start[k], v.float()) for k, v in shipped.items())
+    assert start["classifier.weight"].abs().sum() == 0
+    assert set(start) - set(shipped) == {"classifier.weight", "classifier.bias"}
+    train("glow", added, size="fast", model_overrides=with_loss, train_overrides={**from_shipped, "max_steps": 1},
+          progress=False)
+    plan = plan_run("glow", tmp_path / "dropped", size="fast", model_overrides=conditional,
+                    train_overrides={**options, "init_from": str(added / "last.pt")})
+    assert "classifier.weight" not in plan.model_object.state_dict()
+    with pytest.raises(ConfigError, match="a model with other options; class_couplings=false"):
+        plan_run("glow", tmp_path / "other", size="fast", model_overrides={**conditional, "class_couplings": False},
+                 train_overrides={**options, "init_from": str(added / "last.pt")})
+
+
+def test_the_class_loss_trains_but_is_not_the_reported_loss():
+    from couplings.models import Glow
+    from couplings.training.pixel import pixel_objective
+
+    torch.manual_seed(0)
+    model = Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0, num_classes=3, class_loss_weight=0.05)
+    pixels, labels = torch.randint(0, 256, (6, 1, 8, 8)), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, total = pixel_objective(model, PixelTrainConfig(), pixels, torch.device("cpu"), labels)(
+        torch.arange(6), torch.Generator().manual_seed(1))
+    noise = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, -model.pixel_log_prob(pixels, noise, labels).mean())  # bits/dim stay pure
+    torch.testing.assert_close(total - loss, torch.tensor(0.05 * 64 * math.log(3)))  # the classifier starts uniform
 
 
 @pytest.mark.parametrize("model, size, model_overrides, source, message", [

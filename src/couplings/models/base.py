@@ -97,11 +97,22 @@ class Flow(nn.Module):
         images is the dequantization bound that training maximises and that bits/dim reports
         (`couplings.likelihood`).
         """
+        return self.pixel_log_prob_and_latent(pixels, noise, y)[0]
+
+    def pixel_log_prob_and_latent(self, pixels: Tensor, noise: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`pixel_log_prob` and the latent ``z`` (B, D) of the dequantized images, for a training
+        loss on the latent (`class_loss`) at no second pass."""
         k = pixels.to(noise.dtype)
-        if self.dequantizer is None:
-            return self.log_prob((k + noise) / 256, y)
-        u, log_q = self.dequantizer(noise, k)
-        return self.log_prob((k + u) / 256, y) - at_least_float32(log_q)
+        u, log_q = (noise, None) if self.dequantizer is None else self.dequantizer(noise, k)
+        z, logabsdet = self.transform((k + u) / 256, y)
+        log_p = self.prior.log_prob(at_least_float32(z)).sum(-1) + at_least_float32(logabsdet)
+        return (log_p if log_q is None else log_p - at_least_float32(log_q)), z
+
+    def class_loss(self, z: Tensor, y: Tensor) -> Tensor | None:
+        """An auxiliary training loss on the latents ``z`` of images labelled ``y`` (mean over the
+        batch), weighted into the training objective but never into bits/dim; None for models
+        without one (`Glow`'s ``class_loss_weight``)."""
+        return None
 
     @torch.inference_mode()
     def sample_with_log_prob(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from couplings.models.base import check_one_of, with_options
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from couplings.models.base import at_least_float32, check_one_of, with_options
 from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
 from couplings.transforms import (
@@ -36,6 +40,7 @@ class GlowConfig:
     num_classes: int = 0  # > 0: class-conditional, a learned prior of the top latent per class
     class_prior: str = "channel"  # "channel" (the paper: a mean and scale per channel) or "position" (per pixel too)
     class_couplings: bool = False  # with num_classes: every coupling network also sees the label (one-hot maps)
+    class_loss_weight: float = 0.0  # with num_classes: > 0 adds the paper's classifier of the top latent (training only)
     net: str = "resnet"  # the couplings' networks: "resnet" or "gated" (Flow++)
     scale: str = "sigmoid"  # "sigmoid" (the paper, bounded below by min_scale) or "bounded": c * tanh(h / c)
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
@@ -54,6 +59,9 @@ class GlowConfig:
             raise ValueError(f"need num_classes >= 0 and dequant_hidden >= 1; found {self.num_classes}, {self.dequant_hidden}")
         if self.class_couplings and not self.num_classes:
             raise ValueError("class_couplings=true needs a class-conditional model: set num_classes too")
+        if self.class_loss_weight < 0 or (self.class_loss_weight and not self.num_classes):
+            raise ValueError(f"class_loss_weight must be >= 0, and > 0 only with num_classes; found "
+                             f"{self.class_loss_weight} with num_classes={self.num_classes}")
         check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"),
                      class_prior=("channel", "position"))
         check_image_shape(self.image_shape, self.levels, "levels")
@@ -134,3 +142,21 @@ class Glow(MultiScaleFlow):
         self.conditional, self.num_classes = config.num_classes > 0, config.num_classes
         if config.dequantization == "variational":
             self.dequantizer = VariationalDequantizer(config.image_shape[0], hidden=config.dequant_hidden)
+        if config.class_loss_weight:  # the paper's linear classifier of the top latent's channel means, from zero
+            self.classifier = nn.Linear(c, config.num_classes)
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+
+    def class_loss(self, z: Tensor, y: Tensor) -> Tensor | None:
+        """With ``class_loss_weight`` w: ``w D`` times the cross-entropy (nats) of the labels ``y``
+        under the classifier of the top latent's channel means (the top latent before its class
+        prior, recovered from ``z`` and ``y``), so that w weighs bits of classification against
+        bits per dimension (openai/glow's ``weight_y``). It pushes the flow to carry the label in
+        the top latent; bits/dim never include it."""
+        if not self.config.class_loss_weight:
+            return None
+        top_shape = self.out_shapes[-1]
+        top = z[:, -math.prod(top_shape):].reshape(len(z), *top_shape)
+        h, _ = self.final.transforms[-1].inverse(top, y)  # undo the class prior's standardising map
+        logits = self.classifier(h.mean(dim=(2, 3)))
+        return self.config.class_loss_weight * self.dim * F.cross_entropy(at_least_float32(logits), y.long())

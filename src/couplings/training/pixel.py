@@ -17,7 +17,7 @@ from couplings.sampling import sample_labels
 from couplings.training.loop import Context, start_pass, train_pass
 from couplings.training.optim import EMA, make_adam
 
-__all__ = ["fit", "pixel_objective", "training_nll"]
+__all__ = ["fit", "pixel_objective", "training_nll", "training_terms"]
 
 
 def fit(ctx: Context) -> None:
@@ -97,34 +97,44 @@ def pixel_objective(model, cfg: PixelTrainConfig, pixels: torch.Tensor, device: 
     # Weight-norm scales ("g"), the only weights Real NVP's L2 penalty applies to.
     wn_scales = [p for name, p in model.named_parameters() if name.endswith("parametrizations.weight.original0")]
     wn_scales = wn_scales if cfg.wn_l2 > 0 else []
-    nll = training_nll(model, cfg, device)
+    terms = training_terms(model, cfg, device)
 
     def objective(idx, generator):
         # The dequantization noise of the whole batch, then this rank's share of both (all of it on one process).
         noise = torch.rand((len(idx), *pixels.shape[1:]), generator=generator, device=pixels.device)
         idx, noise = shard(idx), shard(noise)
-        loss = nll(pixels[idx], noise, None if labels is None else labels[idx])
+        loss, class_loss = terms(pixels[idx], noise, None if labels is None else labels[idx])
         penalty = cfg.wn_l2 * sum(g.square().sum() for g in wn_scales) if wn_scales else 0.0
-        return loss, loss + penalty
+        return loss, loss + penalty + class_loss
     return objective
 
 
-def training_nll(model, cfg: PixelTrainConfig, device: torch.device):
-    """``(pixels, noise, labels=None) -> -mean (log p(x) - log q(u | k))`` over a batch of 8-bit
-    images and their dequantization noise (`couplings.models.Flow.pixel_log_prob`), with the run's fast paths:
-    channels-last inputs (and model), bf16 autocast (the loss comes back float32), torch.compile.
+def training_terms(model, cfg: PixelTrainConfig, device: torch.device):
+    """``(pixels, noise, labels=None) -> (-mean (log p(x) - log q(u | k)), class loss)`` over a
+    batch of 8-bit images and their dequantization noise (`couplings.models.Flow.pixel_log_prob`),
+    the class loss the model's auxiliary loss on the latents (`couplings.models.Flow.class_loss`;
+    0 for models without one), with the run's fast paths: channels-last inputs (and model), bf16
+    autocast (the terms come back float32), torch.compile.
     """
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    def nll(pixels, noise, y):
-        return -model.pixel_log_prob(pixels, noise, y).mean()
+    def both(pixels, noise, y):
+        log_p, z = model.pixel_log_prob_and_latent(pixels, noise, y)
+        class_loss = model.class_loss(z, y) if y is not None else None
+        return -log_p.mean(), (torch.zeros((), device=z.device) if class_loss is None else class_loss)
 
-    compiled = torch.compile(nll) if cfg.compile else nll
+    compiled = torch.compile(both) if cfg.compile else both
 
-    def loss(pixels, noise, y=None):
+    def terms(pixels, noise, y=None):
         if cfg.channels_last:
             pixels, noise = (t.contiguous(memory_format=torch.channels_last) for t in (pixels, noise))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return compiled(pixels, noise, y).float()
-    return loss
+            return tuple(t.float() for t in compiled(pixels, noise, y))
+    return terms
+
+
+def training_nll(model, cfg: PixelTrainConfig, device: torch.device):
+    """``(pixels, noise, labels=None) -> -mean (log p(x) - log q(u | k))``: the first of `training_terms`."""
+    terms = training_terms(model, cfg, device)
+    return lambda pixels, noise, y=None: terms(pixels, noise, y)[0]

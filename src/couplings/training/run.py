@@ -179,6 +179,12 @@ def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: di
     return RunPlan(model_name, size, model_config, cfg, run_dir, None, model)
 
 
+# Model options that may differ from an init_from source: they only add layers that start at zero
+# (so the new run starts from the source's function), under these module names.
+ADDED_FROM_ZERO = ("class_loss_weight",)
+ADDED_FROM_ZERO_MODULES = ("classifier.",)
+
+
 def _load_initial_weights(model_name: str, model_config: dict, model: Flow, source: str) -> None:
     """Loads the weights named by option ``init_from`` (a checkpoint, a run directory or
     ``pretrained:NAME``; the Polyak averages where it kept them) into a new run's model, which
@@ -192,14 +198,18 @@ def _load_initial_weights(model_name: str, model_config: dict, model: Flow, sour
         raise ConfigError(f"init_from={source}: it holds a {payload['model']!r} model, not a {model_name!r} one")
     ours, theirs = (json.loads(json.dumps(c)) for c in (model_config, payload["model_config"]))  # tuples as lists
     differ = [f"{k}={format_value(ours[k])} (it has {format_value(v)})"
-              for k, v in theirs.items() if k in ours and ours[k] != v]
+              for k, v in theirs.items() if k in ours and ours[k] != v and k not in ADDED_FROM_ZERO]
     if differ:  # an option it lacks was added to couplings after it was trained, at its default
         raise ConfigError(f"init_from={source}: a model with other options; {', '.join(differ)}")
-    try:
-        model.load_state_dict(payload.get("ema_state") or payload["model_state"])
+    try:  # shapes must match; of the names, only the layers that start at zero may be on one side alone
+        loaded = model.load_state_dict(payload.get("ema_state") or payload["model_state"], strict=False)
     except RuntimeError as e:
         raise ConfigError(f"init_from={source}: its weights do not fit this {model_name}: "
                           f"{checkpoint.first_mismatch(e)}") from None
+    for side, names in (("lacks", loaded.missing_keys), ("has an unknown", loaded.unexpected_keys)):
+        unfit = [k for k in names if not k.startswith(ADDED_FROM_ZERO_MODULES)]
+        if unfit:
+            raise ConfigError(f"init_from={source}: its weights do not fit this {model_name}: it {side} {unfit[0]}")
 
 
 def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides: dict, train_overrides: dict,
