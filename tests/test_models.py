@@ -345,3 +345,5 @@ def test_glow_class_loss_classifies_the_top_latent_and_stays_out_of_the_density(
     assert Glow(image_shape=(1, 8, 8), num_classes=3).class_loss(z, y) is None
     with pytest.raises(ValueError, match="class_loss_weight must be >= 0, and > 0 only with num_classes"):
         Glow(image_shape=(1, 8, 8), class_loss_weight=0.1)
+    with pytest.raises(ValueError, match="class_loss_weight needs class_couplings=false"):
+        Glow(image_shape=(1, 8, 8), num_classes=3, class_couplings=True, class_loss_weight=0.1)

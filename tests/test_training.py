@@ -246,23 +246,24 @@ def test_init_from_may_add_or_drop_the_glow_class_loss(tiny_dataset, tmp_path):
     """class_loss_weight only adds a classifier that starts at zero, so it may differ from the
     source's: added, the flow's weights are the source's and the classifier is zero; dropped, the
     classifier is left behind."""
-    conditional = {"num_classes": 10, "class_prior": "position", "class_couplings": True}
-    options = {"dataset": "tiny", "val_size": 50, "batch_size": 20, "samples_per_epoch": 1}
-    added, with_loss = tmp_path / "added", {**conditional, "class_loss_weight": 0.05}
-    from_shipped = {**options, "init_from": "pretrained:glow-cond-mnist"}
-    start = plan_run("glow", added, size="fast", model_overrides=with_loss, train_overrides=from_shipped).model_object
-    start = start.state_dict()
-    shipped = checkpoint.load(checkpoint.pretrained_path("glow-cond-mnist"))["model_state"]
-    assert all(torch.equal(start[k], v.float()) for k, v in shipped.items())
+    conditional = {"num_classes": 10, "class_prior": "position"}
+    with_loss = {**conditional, "class_loss_weight": 0.05}
+    options = {"dataset": "tiny", "val_size": 50, "batch_size": 20, "samples_per_epoch": 1, "max_steps": 1}
+    source, added = tmp_path / "source", tmp_path / "added"
+    train("glow", source, size="fast", model_overrides=conditional, train_overrides=options, progress=False)
+    from_source = {**options, "init_from": str(source)}
+    start = plan_run("glow", added, size="fast", model_overrides=with_loss, train_overrides=from_source)
+    start = start.model_object.state_dict()
+    trained = checkpoint.load(source / "last.pt")["model_state"]
+    assert all(torch.equal(start[k], v) for k, v in trained.items())
     assert start["classifier.weight"].abs().sum() == 0
-    assert set(start) - set(shipped) == {"classifier.weight", "classifier.bias"}
-    train("glow", added, size="fast", model_overrides=with_loss, train_overrides={**from_shipped, "max_steps": 1},
-          progress=False)
+    assert set(start) - set(trained) == {"classifier.weight", "classifier.bias"}
+    train("glow", added, size="fast", model_overrides=with_loss, train_overrides=from_source, progress=False)
     plan = plan_run("glow", tmp_path / "dropped", size="fast", model_overrides=conditional,
                     train_overrides={**options, "init_from": str(added / "last.pt")})
     assert "classifier.weight" not in plan.model_object.state_dict()
-    with pytest.raises(ConfigError, match="a model with other options; class_couplings=false"):
-        plan_run("glow", tmp_path / "other", size="fast", model_overrides={**conditional, "class_couplings": False},
+    with pytest.raises(ConfigError, match="a model with other options; class_prior=channel"):
+        plan_run("glow", tmp_path / "other", size="fast", model_overrides={**conditional, "class_prior": "channel"},
                  train_overrides={**options, "init_from": str(added / "last.pt")})
 
 

@@ -40,7 +40,7 @@ class GlowConfig:
     num_classes: int = 0  # > 0: class-conditional, a learned prior of the top latent per class
     class_prior: str = "channel"  # "channel" (the paper: a mean and scale per channel) or "position" (per pixel too)
     class_couplings: bool = False  # with num_classes: every coupling network also sees the label (one-hot maps)
-    class_loss_weight: float = 0.0  # with num_classes: > 0 adds the paper's classifier of the top latent (training only)
+    class_loss_weight: float = 0.0  # with num_classes (not class_couplings): the paper's classifier of the top latent
     net: str = "resnet"  # the couplings' networks: "resnet" or "gated" (Flow++)
     scale: str = "sigmoid"  # "sigmoid" (the paper, bounded below by min_scale) or "bounded": c * tanh(h / c)
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
@@ -62,6 +62,9 @@ class GlowConfig:
         if self.class_loss_weight < 0 or (self.class_loss_weight and not self.num_classes):
             raise ValueError(f"class_loss_weight must be >= 0, and > 0 only with num_classes; found "
                              f"{self.class_loss_weight} with num_classes={self.num_classes}")
+        if self.class_loss_weight and self.class_couplings:  # measured: docs/results.md
+            raise ValueError("class_loss_weight needs class_couplings=false: couplings that see the label can write "
+                             "it into the top latent, and the classifier then reads the label, not the image")
         check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"),
                      class_prior=("channel", "position"))
         check_image_shape(self.image_shape, self.levels, "levels")
