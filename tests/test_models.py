@@ -347,3 +347,18 @@ def test_glow_class_loss_classifies_the_top_latent_and_stays_out_of_the_density(
         Glow(image_shape=(1, 8, 8), class_loss_weight=0.1)
     with pytest.raises(ValueError, match="class_loss_weight needs class_couplings=false"):
         Glow(image_shape=(1, 8, 8), num_classes=3, class_couplings=True, class_loss_weight=0.1)
+
+
+def test_class_log_likelihoods_are_the_density_under_every_class():
+    """Column c of class_log_likelihoods(x) is log p(x | c), so its softmax is Bayes' rule."""
+    torch.manual_seed(0)
+    g = _perturbed_conditional(Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0, num_classes=3,
+                                    class_couplings=True, class_prior="position"))
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    table = g.class_log_likelihoods(x)
+    assert table.shape == (4, 3)
+    for c in range(3):
+        torch.testing.assert_close(table[:, c], g.log_prob(x, torch.full((4,), c)))
+    assert not torch.allclose(table[:, 0], table[:, 1])  # the classes differ, so the classifier has something to read
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        Glow(image_shape=(1, 8, 8), steps=1, hidden=4, blocks=0).class_log_likelihoods(x)

@@ -110,6 +110,11 @@ class PixelTrainConfig(TrainConfig):
     channels_last: bool = False  # channels-last memory format for the convolutions
     adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
     ema_decay: float | None = None  # Polyak (EMA) weights for validation, best.pt, eval and sampling, e.g. 0.999
+    # Class-conditional models: w D times the cross-entropy of the model's own classifier p(c | x)
+    # (Bayes' rule over log p(x | c)) joins the training loss, never bits/dim; computed on the
+    # first discriminative_images images of each batch (one pass per class each).
+    discriminative_weight: float = 0.0
+    discriminative_images: int = 8
     # Start from the weights of a checkpoint or run directory of the same model and options, or of
     # "pretrained:NAME" (its Polyak averages if it kept them), with a fresh optimizer and schedule.
     init_from: str | None = None
@@ -118,7 +123,7 @@ class PixelTrainConfig(TrainConfig):
         super().__post_init__()
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1) (or none), found {self.ema_decay}")
-        for name in ("eval_batch_size", "samples_per_epoch"):
+        for name in ("eval_batch_size", "samples_per_epoch", "discriminative_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16") or self.adam not in ("auto", "default", "foreach", "fused"):
@@ -126,8 +131,8 @@ class PixelTrainConfig(TrainConfig):
                               f"found {self.precision!r} and {self.adam!r}")
         if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
             raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")
-        if self.wn_l2 < 0:
-            raise ConfigError(f"need wn_l2 >= 0, found {self.wn_l2}")
+        if self.wn_l2 < 0 or self.discriminative_weight < 0:
+            raise ConfigError(f"need wn_l2 >= 0 and discriminative_weight >= 0, found {self.wn_l2}, {self.discriminative_weight}")
         if self.init_from is not None and not self.init_from.strip():
             raise ConfigError("init_from must name a checkpoint, a run directory or pretrained:NAME (or none)")
 

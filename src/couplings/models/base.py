@@ -102,11 +102,27 @@ class Flow(nn.Module):
     def pixel_log_prob_and_latent(self, pixels: Tensor, noise: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`pixel_log_prob` and the latent ``z`` (B, D) of the dequantized images, for a training
         loss on the latent (`class_loss`) at no second pass."""
-        k = pixels.to(noise.dtype)
-        u, log_q = (noise, None) if self.dequantizer is None else self.dequantizer(noise, k)
-        z, logabsdet = self.transform((k + u) / 256, y)
+        x, log_q = self.dequantize(pixels, noise)
+        z, logabsdet = self.transform(x, y)
         log_p = self.prior.log_prob(at_least_float32(z)).sum(-1) + at_least_float32(logabsdet)
         return (log_p if log_q is None else log_p - at_least_float32(log_q)), z
+
+    def dequantize(self, pixels: Tensor, noise: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Continuous images ``x = (k + u) / 256`` for 8-bit ``pixels`` k and ``log q(u | k)`` (B,),
+        None for uniform dequantization (``noise`` as in `pixel_log_prob`)."""
+        k = pixels.to(noise.dtype)
+        u, log_q = (noise, None) if self.dequantizer is None else self.dequantizer(noise, k)
+        return (k + u) / 256, log_q
+
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        """``log p(x | c)`` (nats, (B, num_classes)) of images ``x`` under every class ``c`` of a
+        class-conditional model: with a uniform class prior, its softmax over classes is the
+        model's own (Bayes) classifier p(c | x). One pass per class."""
+        if not self.conditional:
+            raise ValueError(f"class_log_likelihoods needs a class-conditional model; this {type(self).__name__} is not")
+        classes = torch.arange(self.num_classes, device=x.device)
+        log_p = self.log_prob(x.repeat_interleave(self.num_classes, dim=0), classes.repeat(len(x)))
+        return log_p.view(len(x), self.num_classes)
 
     def class_loss(self, z: Tensor, y: Tensor) -> Tensor | None:
         """An auxiliary training loss on the latents ``z`` of images labelled ``y`` (mean over the

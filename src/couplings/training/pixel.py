@@ -8,16 +8,18 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from couplings.config import PixelTrainConfig
 from couplings.data import with_channels
 from couplings.distributed import shard
 from couplings.likelihood import bits_per_dim, nats_to_bits_per_dim
+from couplings.models.base import at_least_float32
 from couplings.sampling import sample_labels
 from couplings.training.loop import Context, start_pass, train_pass
 from couplings.training.optim import EMA, make_adam
 
-__all__ = ["fit", "pixel_objective", "training_nll", "training_terms"]
+__all__ = ["discriminative_loss", "fit", "pixel_objective", "training_nll", "training_terms"]
 
 
 def fit(ctx: Context) -> None:
@@ -112,17 +114,24 @@ def pixel_objective(model, cfg: PixelTrainConfig, pixels: torch.Tensor, device: 
 def training_terms(model, cfg: PixelTrainConfig, device: torch.device):
     """``(pixels, noise, labels=None) -> (-mean (log p(x) - log q(u | k)), class loss)`` over a
     batch of 8-bit images and their dequantization noise (`couplings.models.Flow.pixel_log_prob`),
-    the class loss the model's auxiliary loss on the latents (`couplings.models.Flow.class_loss`;
-    0 for models without one), with the run's fast paths: channels-last inputs (and model), bf16
-    autocast (the terms come back float32), torch.compile.
+    the class loss the model's auxiliary loss on the latents (`couplings.models.Flow.class_loss`)
+    plus the `discriminative_loss` (each 0 unless set), with the run's fast paths: channels-last
+    inputs (and model), bf16 autocast (the terms come back float32), torch.compile.
     """
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
     def both(pixels, noise, y):
         log_p, z = model.pixel_log_prob_and_latent(pixels, noise, y)
-        class_loss = model.class_loss(z, y) if y is not None else None
-        return -log_p.mean(), (torch.zeros((), device=z.device) if class_loss is None else class_loss)
+        class_loss = torch.zeros((), device=z.device)
+        if y is not None:
+            latent_loss = model.class_loss(z, y)
+            if latent_loss is not None:
+                class_loss = class_loss + latent_loss
+            if cfg.discriminative_weight:
+                n = cfg.discriminative_images
+                class_loss = class_loss + discriminative_loss(model, pixels[:n], noise[:n], y[:n], cfg.discriminative_weight)
+        return -log_p.mean(), class_loss
 
     compiled = torch.compile(both) if cfg.compile else both
 
@@ -132,6 +141,18 @@ def training_terms(model, cfg: PixelTrainConfig, device: torch.device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             return tuple(t.float() for t in compiled(pixels, noise, y))
     return terms
+
+
+def discriminative_loss(model, pixels: torch.Tensor, noise: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * D`` times the cross-entropy (nats) of the labels ``y`` under the model's own
+    classifier ``p(c | x) = softmax_c log p(x | c)`` (Bayes' rule with uniform classes) at the
+    dequantized images: hybrid generative-discriminative training, which lowers ``p(x | c)`` on
+    real images of the other classes. The dequantization is held fixed (its ``log q`` is the same
+    for every class and cancels)."""
+    with torch.no_grad():
+        x, _ = model.dequantize(pixels, noise)
+    logits = at_least_float32(model.class_log_likelihoods(x))
+    return weight * model.dim * F.cross_entropy(logits, y.long())
 
 
 def training_nll(model, cfg: PixelTrainConfig, device: torch.device):

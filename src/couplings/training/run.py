@@ -100,6 +100,9 @@ def plan_run(
     if cfg.batch_size % distributed.world_size():
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {distributed.world_size()} processes "
                           "(it is the global batch; each process trains on an equal share of it)")
+    if getattr(cfg, "discriminative_weight", 0) and not plan.model_object.conditional:
+        raise ConfigError(f"discriminative_weight needs a class-conditional model (it trains the model's own classifier "
+                          f"p(c | x)); this {model_name} is not: set num_classes")
     if cfg.dataset not in data.DATASETS and not data.is_path_dataset(cfg.dataset):
         raise ConfigError(f"dataset must be one of {sorted(data.DATASETS)} or {data.OWN_DATASET}, found {cfg.dataset!r}")
     if data.is_path_dataset(cfg.dataset):
