@@ -34,6 +34,8 @@ PIXEL_ONLY = {
     "wn_l2": ["--set", "wn_l2=0.001"],
     "ema_decay": ["--set", "ema_decay=0.999"],
     "init_from": ["--set", "init_from=pretrained:nice-small-mnist"],
+    "discriminative_weight": ["--set", "discriminative_weight=0.1"],
+    "discriminative_images": ["--set", "discriminative_images=4"],
 }
 
 
