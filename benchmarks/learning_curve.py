@@ -9,7 +9,7 @@ and EMA), in segments of ``--eval-every`` seconds of training time; between segm
 stops and the validation bits/dim of a fixed subset (the first ``--val-images`` validation
 images, dequantization seed 0, the EMA weights when the run keeps them) is written as one JSON
 line. The plot shows every curve given and, for reference, the UvA tutorial 11 flow measured on
-one thread of this project's 2-core machine (../shared/REFERENCES.md).
+one thread of a 2-core AMD EPYC (docs/references.md).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from couplings.training.pixel import pixel_objective
 sys.path.insert(0, str(Path(__file__).parent))
 from tutorial_flow import TUTORIAL_RECIPE, TutorialFlow  # noqa: E402
 
-# Validation bits/dim (2,000 images, one draw) after so many minutes of training, one thread.
+# The tutorial's own code on one thread of a 2-core AMD EPYC (docs/references.md): validation
+# bits/dim (2,000 images, one draw) after so many minutes of training.
 TUTORIAL = {5: 1.41, 10: 1.36, 15: 1.30, 20: 1.28, 25: 1.27}
 
 
@@ -119,7 +120,7 @@ def plot(paths: list[Path], output: Path) -> Path:
             ax.plot([r["train_seconds"] / 60 for r in records], [r["val_bpd"] for r in records], marker=".",
                     label=f"{records[0]['label']} ({records[0]['parameters']:,} parameters; {cpu})")
     ax.plot(list(TUTORIAL), list(TUTORIAL.values()), "k*", markersize=10,
-            label="UvA tutorial 11 flow, its own code (AMD EPYC, as measured in REFERENCES.md)")
+            label="UvA tutorial 11 flow, its own code (AMD EPYC, docs/references.md)")
     ax.set(xlabel="training time (min, evaluation excluded)", ylabel="validation bits/dim", ylim=(1.0, 2.5),
            title="Learning curves on one CPU thread")
     ax.grid(alpha=0.3)

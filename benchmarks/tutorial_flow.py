@@ -1,9 +1,9 @@
 """The UvA deep-learning course's tutorial 11 flow, rebuilt from couplings' layers as a reference.
 
 `benchmarks/learning_curve.py tutorial` trains it side by side with one of our presets, so that
-the comparison is made on the machine at hand: the tutorial's published CPU curve
-(../shared/REFERENCES.md) was measured on one thread of a 2-core AMD EPYC, and another CPU
-shifts every point of a wall-clock curve. The design follows the description in REFERENCES.md;
+the comparison is made on the machine at hand: the tutorial's own code was timed on one thread
+of a 2-core AMD EPYC (docs/references.md), and another CPU shifts every point of a wall-clock
+curve. The design follows the description in docs/references.md;
 it is our code, not the tutorial's, so its parameter count is printed with every curve.
 
 - x = (k + u) / 256 with u from a variational dequantizer (4 checkerboard couplings conditioned
