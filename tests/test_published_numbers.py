@@ -183,6 +183,44 @@ def test_a_learning_curve_table_holds_the_validation_figures_of_its_curves(path,
             assert f"{records[0]['parameters']:,} parameters" in row[0]
 
 
+# Rows of a run's table over its training, one column per point of its metrics.jsonl, and the field each reads.
+RUN_ROWS = {
+    "passes": lambda r, batch, train: r["step"] * batch / train,
+    "passes over the data": lambda r, batch, train: r["step"] * batch / train,
+    "validation bits/dim": lambda r, batch, train: r["val_bpd"],
+    "validation bits/dim (Polyak weights)": lambda r, batch, train: r["val_bpd"],
+    "training bits/dim (raw weights, over the epoch)": lambda r, batch, train: r["train_bpd"],
+    "minutes": lambda r, batch, train: r["elapsed"] / 60,
+}
+
+
+def run_tables() -> list[tuple[Path, list[list[str]]]]:
+    """docs/results.md's tables of a run over its training: the first cell links the run's metrics.jsonl."""
+    return [(RESULTS, table) for table in tables(RESULTS) if "metrics.jsonl)" in table[0][0]]
+
+
+def test_the_run_tables_are_found():
+    assert len(run_tables()) == 4
+
+
+@pytest.mark.parametrize("path, table", run_tables(), ids=lambda x: "" if isinstance(x, Path) else x[0][0].split(" (")[0])
+def test_a_run_table_holds_the_figures_of_its_metrics(path, table):
+    (metrics,) = linked_files(table[0][0], path.parent)
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = json.loads((metrics.parent / "config.json").read_text())["train"]
+    batch, train_images = train["batch_size"], MNIST_TRAIN_IMAGES - train["val_size"]
+    by_epoch = table[0][0].startswith("epoch")
+    for column, key in enumerate(table[0][1:], start=1):
+        if by_epoch:  # the end of that epoch
+            record = [r for r in records if r["epoch"] == int(key)][-1]
+        else:  # the point nearest those minutes of wall-clock
+            record = min(records, key=lambda r: abs(r["elapsed"] / 60 - float(key)))
+            assert agrees(key, record["elapsed"] / 60), f"no point of {metrics} at {key} minutes"
+        for row in table[1:]:
+            value = RUN_ROWS[row[0]](record, batch, train_images)
+            assert agrees(row[column].strip("*"), value), f"{row[0]} at {key}: {row[column]}, the file says {value}"
+
+
 # --- the pretrained models' table -------------------------------------------------------------
 
 def pretrained_rows() -> list[list[str]]:
