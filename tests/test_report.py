@@ -213,3 +213,34 @@ def test_each_recipe_gets_one_line_on_its_distance_from_the_published_figure(tmp
     assert "no published figure for this model on this dataset" in lines[2]
     assert lines[3].endswith("0.020 above it (1.9%); of p(x | y), the label given, against a published figure of p(x), "
                              "so not like for like")
+
+
+def test_a_pretrained_model_is_copied_into_a_run_directory_that_loads_like_the_shipped_file(tmp_path):
+    from couplings import checkpoint
+
+    run = report_collect.as_run_directory("pretrained:nice-small-mnist", tmp_path)
+    assert run == tmp_path / "pretrained-nice-small-mnist"
+    shipped = checkpoint.pretrained_path("nice-small-mnist")
+    assert (run / "best.pt").read_bytes() == shipped.read_bytes()
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "nice" and config["model_config"] == checkpoint.load(shipped)["model_config"]
+    assert report_collect.as_run_directory(tmp_path / "elsewhere", tmp_path) == tmp_path / "elsewhere"
+
+
+def test_compare_refuses_an_unknown_pretrained_name_before_writing(tmp_path, capsys):
+    assert main(["compare", "pretrained:no-such-model", "--out", str(tmp_path / "report")]) != 0
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.network  # scores the shipped model on the MNIST test set
+def test_compare_takes_a_pretrained_model_like_a_run(tmp_path):
+    from couplings import checkpoint
+
+    out = tmp_path / "report"
+    assert main(["compare", "pretrained:nice-small-mnist", "--out", str(out), "--samples", "0", "--draws", "1",
+                 "--ood-images", "50", "--device", "cpu"]) == 0
+    stored = checkpoint.load(checkpoint.pretrained_path("nice-small-mnist"))["provenance"]["test_bits_per_dim"]
+    scored = json.loads((out / "pretrained-nice-small-mnist" / "eval.json").read_text())["test"]["bits_per_dim"]
+    assert scored == pytest.approx(stored, abs=1e-4)  # the same model, scored on the same test set
+    assert "pretrained-nice-small-mnist" in (out / "report.md").read_text()

@@ -186,7 +186,8 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     c = commands.add_parser("compare", help="evaluate runs side by side; write report.md, report.html and figures")
-    c.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    c.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="a run directory, or pretrained:NAME for a shipped model (evaluated like a run)")
     c.add_argument("--out", type=Path, default=Path("report"), help="report directory (default: report)")
     c.add_argument("--samples", type=_non_negative_int, default=10_000,
                    help="samples per run for the sample-quality metrics (0: skip them)")
@@ -386,8 +387,13 @@ def _cmd_interpolate(args) -> int:
 
 def _cmd_compare(args) -> int:
     for run in args.runs:
+        name = str(run).removeprefix("pretrained:")
+        if name != str(run):
+            checkpoint.load_model(checkpoint.pretrained_path(name))  # an unknown name is refused before any work
+            continue
         if not (run / "config.json").is_file():
-            raise ConfigError(f"{run} is not a run directory (no config.json); give directories written by 'couplings train'")
+            raise ConfigError(f"{run} is not a run directory (no config.json); give directories written by "
+                              "'couplings train', or pretrained:NAME")
         checkpoint.load_model(run)  # a bad checkpoint is refused before any work or output
     _check_writable_dir(args.out, "--out")
     created = not args.out.exists()

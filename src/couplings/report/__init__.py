@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from couplings.hardware import describe
-from couplings.report.collect import Report, RunSummary, summarize_run
+from couplings.report.collect import Report, RunSummary, as_run_directory, summarize_run
 from couplings.report.figures import TEMPERATURES, plot_curves, plot_ood
 from couplings.report.render import write
 from couplings.report.table import HEADERS, table
@@ -39,6 +39,8 @@ def compare(
     progress: bool = False,
 ) -> Report:
     """Evaluates ``runs`` and writes ``report.md``, ``report.html`` and the figures into ``out``.
+    A run is a run directory, or ``pretrained:NAME`` for a shipped model (copied into
+    ``out/pretrained-NAME`` and evaluated there like a run).
 
     Args:
         samples: Samples per run for FID/KID/precision/recall (0 skips them).
@@ -57,7 +59,7 @@ def compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [
-        summarize_run(Path(run), out, index, samples=samples, draws=draws, device=device, ood_dataset=ood_dataset,
+        summarize_run(as_run_directory(run, out), out, index, samples=samples, draws=draws, device=device, ood_dataset=ood_dataset,
                       ood_images=ood_images, progress=progress)
         for index, run in enumerate(runs)
     ]

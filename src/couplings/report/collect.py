@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from couplings import checkpoint, data
+from couplings.files import atomic_write
 from couplings.evaluation import evaluate_checkpoint
 from couplings.likelihood import dequantize, log_probs, nats_to_bits_per_dim
 from couplings.report.figures import sample_figures
 from couplings.rundir import RunDir
 from couplings.sampling import sample_labels
 
-__all__ = ["OOD_COUNTERPART", "Report", "RunSummary", "summarize_run"]
+__all__ = ["OOD_COUNTERPART", "Report", "RunSummary", "as_run_directory", "summarize_run"]
 
 OOD_COUNTERPART = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 # Training options that may differ between runs of one row (the seed, and budgets that only
@@ -57,6 +58,26 @@ class Report:
     headers: list[str]
     rows: list[list[str]]
     directory: Path
+
+
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def as_run_directory(run: str | Path, out: Path) -> Path:
+    """``run`` itself, or for ``pretrained:NAME`` a run directory ``out/pretrained-NAME`` that
+    holds a copy of that shipped model as its ``best.pt``, so that the report evaluates it on the
+    same images with the same settings as the runs beside it."""
+    if not str(run).startswith(PRETRAINED_PREFIX):
+        return Path(run)
+    name = str(run).removeprefix(PRETRAINED_PREFIX)
+    source = checkpoint.pretrained_path(name)  # CheckpointError naming the models there are
+    payload = checkpoint.load(source)
+    directory = RunDir(out / f"pretrained-{name}")
+    directory.path.mkdir(parents=True, exist_ok=True)
+    if not directory.best.is_file() or directory.best.read_bytes() != source.read_bytes():
+        atomic_write(directory.best, source.read_bytes())
+        directory.write_config({k: payload[k] for k in ("model", "size", "model_config", "train", "hardware") if k in payload})
+    return directory.path
 
 
 def _eval_is_current(entry: dict | None, run: Path, samples: int) -> bool:
