@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from couplings import data, metrics
+from couplings import checkpoint, data, metrics
 from couplings.classifier import Classifier, load_classifier
+from couplings.evaluation import evaluate_checkpoint
 
 
 def _gaussian(n: int, seed: int, scale: float = 1.0, shift=(0.0, 0.0, 0.0, 0.0)) -> torch.Tensor:
@@ -84,6 +87,65 @@ def test_sample_quality_names_its_features(classifier, mnist_test):
     assert result["conditional_accuracy"] >= 0.98
     assert result["fid"] < 5 and result["precision"] > 0.5 and result["recall"] > 0.5
     assert result["nearest_train_l2"] > 0
+
+
+class _DigitDealer:
+    """A stand-in class-conditional MNIST model: asked for digit y, it "samples" a real test image
+    of y that the committed classifier reads as y, except for the digits in ``wrong``, for which
+    it hands out an image of digit y + 1 (which the classifier reads as y + 1). It has no pixel
+    density, so `evaluate_checkpoint` scores it like a latent model (log_prob is 0)."""
+
+    conditional, num_classes, has_pixel_density = True, 10, False
+
+    def __init__(self, pool: dict[int, torch.Tensor], wrong: set[int]):
+        self.pool, self.wrong, self.dealt = pool, wrong, [0] * 10
+        self.prior = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+        self.config = SimpleNamespace(embedding_dim=1)
+        self.asked_for: list[int] = []
+
+    def parameters(self):
+        return iter(())
+
+    def log_prob(self, x, y=None):
+        return x.new_zeros(len(x))
+
+    def sample(self, n, y, temperature=1.0, generator=None):
+        assert y is not None and len(y) == n, "a class-conditional model is asked for samples of given labels"
+        images = []
+        for label in y.tolist():
+            digit = (label + 1) % 10 if label in self.wrong else label
+            images.append(self.pool[digit][self.dealt[digit] % len(self.pool[digit])])
+            self.dealt[digit] += 1
+        self.asked_for += y.tolist()
+        return torch.stack(images)
+
+
+@pytest.mark.network
+def test_conditional_accuracy_end_to_end_is_the_fraction_of_samples_of_the_asked_label(
+        classifier, mnist_test, tmp_path, monkeypatch):
+    """Labels drawn by `draw_samples` -> the model's samples of them -> the committed classifier ->
+    the conditional accuracy `evaluate_checkpoint` reports: with 2 digits of 10 answered by an image
+    of another digit, exactly 0.8."""
+    images, labels = mnist_test
+    pixels = torch.as_tensor(images[:1000]).unsqueeze(1).float() / 255  # (N, 1, 28, 28) in [0, 1]
+    with torch.inference_mode():
+        predicted = classifier(pixels).argmax(1)
+    read_right = predicted == torch.as_tensor(labels[:1000]).long()
+    pool = {d: pixels[read_right & (predicted == d)] for d in range(10)}
+    assert all(len(p) >= 20 for p in pool.values())
+    dealer = _DigitDealer(pool, wrong={3, 7})
+    # Scored on the 1,000 validation images (val_size), not the 10,000 test images: quicker on 2 cores.
+    state = {"model": "latent-realnvp", "train": {"dataset": "mnist", "val_size": 1000}}
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, device="cpu": (dealer, state))
+    stand_in = tmp_path / "dealer.pt"
+    stand_in.write_bytes(b"")  # evaluate_checkpoint names the file it scored
+    # 200 samples drawn 64 at a time: the labels of every chunk must line up with its samples.
+    result = evaluate_checkpoint(stand_in, split="val", samples=200, batch_size=64)
+    quality = result["sample_quality"]
+    assert dealer.asked_for == [i % 10 for i in range(200)]  # every digit equally often, in order
+    assert result["num_images"] == 1000 and quality["num_samples"] == 200
+    assert quality["conditional_accuracy"] == 160 / 200 == 0.8
+    assert quality["nearest_train_l2"] > 0  # test images, none of them in the training split
 
 
 @pytest.mark.network
