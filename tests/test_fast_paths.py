@@ -115,7 +115,7 @@ def test_training_loss_is_float32_under_bf16_autocast():
 def test_unknown_fast_path_values_are_config_errors():
     from couplings.config import ConfigError
 
-    with pytest.raises(ConfigError, match="precision fp32 or bf16"):
+    with pytest.raises(ConfigError, match="precision fp32, bf16 or auto"):
         TrainConfig(precision="fp16")
     with pytest.raises(ConfigError, match="adam auto, default, foreach or fused"):
         TrainConfig(adam="sgd")
@@ -178,3 +178,42 @@ def test_fast_path_on_the_gpu_matches_the_cpu_result(name, option, exact_float32
     # Adam's first step is about lr * sign(gradient): compare it where the gradient is clearly non-zero.
     clear = cpu_grad.abs() > 1e-2 * scale
     torch.testing.assert_close(gpu_step[clear], cpu_step[clear], rtol=1e-3, atol=1e-6)
+
+
+def test_the_precision_probe_times_both_on_a_copy_and_chooses_by_its_rule(monkeypatch):
+    from couplings.training import pixel
+
+    torch.manual_seed(0)
+    model = MODELS["glow"]()  # ActNorm starts from the first batch it sees: the probe must not be that batch
+    before = copy.deepcopy(model.state_dict())
+    pixels, _ = _batch()
+    probe = pixel.probe_precision(model, TrainConfig(precision="auto", batch_size=8), torch.device("cpu"), pixels)
+    assert probe["fp32_images_per_s"] > 0 and probe["bf16_images_per_s"] > 0
+    faster = probe["bf16_images_per_s"] >= pixel.BF16_MIN_SPEEDUP * probe["fp32_images_per_s"]
+    assert probe["chosen"] == ("bf16" if faster else "fp32")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model trained on is untouched
+    # The rule itself, on timings given: bf16 only where it is clearly faster.
+    for fp32_s, bf16_s, chosen in ((1.0, 0.5, "bf16"), (1.0, 0.95, "fp32"), (1.0, 2.0, "fp32")):
+        clock = iter([0.0, fp32_s * 3, 0.0, bf16_s * 3])
+        monkeypatch.setattr(pixel.time, "perf_counter", lambda: next(clock))
+        assert pixel.probe_precision(model, TrainConfig(batch_size=4), torch.device("cpu"), pixels)["chosen"] == chosen
+
+
+def test_a_run_with_precision_auto_records_the_probe_and_trains_in_its_choice(tmp_path, monkeypatch):
+    import json
+
+    from conftest import write_tiny_dataset
+    from couplings import data
+    from couplings.cli import main
+
+    monkeypatch.setitem(data.DATASETS, "tiny", write_tiny_dataset(tmp_path / "data"))
+    monkeypatch.setenv("COUPLINGS_DATA", str(tmp_path / "data"))
+    run = tmp_path / "run"
+    common = ["--dataset", "tiny", "--set", "val_size=50", "--set", "size=small", "--set", "hidden=4", "--batch-size", "16",
+              "--device", "cpu", "--quiet", "--out", str(run)]
+    assert main(["train", "realnvp", "--precision", "auto", "--max-steps", "2", *common]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["precision"] == config["precision_probe"]["chosen"] in ("fp32", "bf16")
+    assert main(["train", "realnvp", "--resume", "--max-steps", "3", *common]) == 0  # the choice is kept, not re-probed
+    assert json.loads((run / "config.json").read_text())["train"]["precision"] == config["train"]["precision"]

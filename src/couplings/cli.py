@@ -126,8 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also write last.pt every N steps inside an epoch (--resume continues from there exactly)")
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--compile", action="store_true", default=None, help="torch.compile the training loss")
-    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast convolutions and matmuls "
-                   "(log-dets and the loss stay float32); meant for CUDA")
+    t.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="bf16: autocast convolutions and matmuls "
+                   "(log-dets and the loss stay float32); auto: bf16 where a short timed probe finds it faster")
     t.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     t.add_argument("--seed", type=_seed)
     t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-DATASET-TIME)")

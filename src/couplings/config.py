@@ -106,7 +106,10 @@ class PixelTrainConfig(TrainConfig):
     samples_per_epoch: int = 64
     wn_l2: float = 0.0
     compile: bool = False  # torch.compile the model's negative log-likelihood
-    precision: str = "fp32"  # "bf16": autocast matmuls and convolutions; log-dets and the loss stay float32
+    # "bf16": autocast matmuls and convolutions (log-dets and the loss stay float32); "auto": bf16
+    # if a short timed probe finds it faster for this model on this machine, else fp32
+    # (`couplings.training.pixel.probe_precision`; the choice and timings go into config.json).
+    precision: str = "fp32"
     channels_last: bool = False  # channels-last memory format for the convolutions
     adam: str = "auto"  # "fused" where PyTorch has it for the device (else "default"), "foreach", "fused", "default"
     ema_decay: float | None = None  # Polyak (EMA) weights for validation, best.pt, eval and sampling, e.g. 0.999
@@ -126,8 +129,8 @@ class PixelTrainConfig(TrainConfig):
         for name in ("eval_batch_size", "samples_per_epoch", "discriminative_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
-        if self.precision not in ("fp32", "bf16") or self.adam not in ("auto", "default", "foreach", "fused"):
-            raise ConfigError(f"need precision fp32 or bf16 and adam auto, default, foreach or fused; "
+        if self.precision not in ("fp32", "bf16", "auto") or self.adam not in ("auto", "default", "foreach", "fused"):
+            raise ConfigError(f"need precision fp32, bf16 or auto and adam auto, default, foreach or fused; "
                               f"found {self.precision!r} and {self.adam!r}")
         if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
             raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")

@@ -3,6 +3,8 @@ validated in bits/dim after every epoch."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -12,14 +14,17 @@ import torch.nn.functional as F
 
 from couplings.config import PixelTrainConfig
 from couplings.data import with_channels
-from couplings.distributed import shard
+from couplings.distributed import max_over_ranks, shard
 from couplings.likelihood import bits_per_dim, nats_to_bits_per_dim
 from couplings.models.base import at_least_float32
 from couplings.sampling import sample_labels
 from couplings.training.loop import Context, start_pass, train_pass
 from couplings.training.optim import EMA, make_adam
 
-__all__ = ["discriminative_loss", "fit", "pixel_objective", "training_nll", "training_terms"]
+__all__ = ["discriminative_loss", "fit", "pixel_objective", "probe_precision", "training_nll", "training_terms"]
+
+# precision=auto takes bf16 only where it is at least this much faster than float32.
+BF16_MIN_SPEEDUP = 1.1
 
 
 def fit(ctx: Context) -> None:
@@ -153,6 +158,38 @@ def discriminative_loss(model, pixels: torch.Tensor, noise: torch.Tensor, y: tor
         x, _ = model.dequantize(pixels, noise)
     logits = at_least_float32(model.class_log_likelihoods(x))
     return weight * model.dim * F.cross_entropy(logits, y.long())
+
+
+def probe_precision(model, cfg: PixelTrainConfig, device: torch.device, pixels: torch.Tensor,
+                    labels: torch.Tensor | None = None, steps: int = 3) -> dict:
+    """Times ``steps`` forward and backward passes of the training loss, after one warm-up, in
+    float32 and in bf16 autocast, on a copy of ``model`` (so its weights, ActNorm's data-dependent
+    start and the random streams of training are untouched) and one batch of ``pixels``; returns
+    both rates (training images/s, the slowest process's under torchrun, so that every process
+    chooses alike) and the choice: bf16 if it is at least `BF16_MIN_SPEEDUP` times faster."""
+    probe = copy.deepcopy(model).to(device).train()
+    batch = pixels[:cfg.batch_size].to(device)
+    y = None if labels is None else labels[:cfg.batch_size].to(device)
+    noise = torch.rand(batch.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    seconds = {}
+    for precision in ("fp32", "bf16"):
+        nll = training_nll(probe, dataclasses.replace(cfg, precision=precision, compile=False), device)
+        for i in range(steps + 1):  # the first is the warm-up
+            if i == 1:
+                _synchronize(device)
+                started = time.perf_counter()
+            nll(batch, noise, y).backward()
+            probe.zero_grad(set_to_none=True)
+        _synchronize(device)
+        seconds[precision] = (time.perf_counter() - started) / steps
+    fp32, bf16 = max_over_ranks(seconds["fp32"], seconds["bf16"])
+    return {"fp32_images_per_s": len(batch) / fp32, "bf16_images_per_s": len(batch) / bf16,
+            "chosen": "bf16" if fp32 >= BF16_MIN_SPEEDUP * bf16 else "fp32"}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def training_nll(model, cfg: PixelTrainConfig, device: torch.device):

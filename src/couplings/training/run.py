@@ -24,6 +24,7 @@ from couplings.tensorboard import TensorBoard, check_available
 from couplings.training.errors import TrainingError
 from couplings.training.faults import FaultCounter, NumericalFault, roll_back, set_rng_states
 from couplings.training.loop import Budget, Console, Context
+from couplings.training.pixel import probe_precision
 
 __all__ = ["RESUMABLE_OPTIONS", "RunPlan", "plan_run", "run_plan", "train"]
 
@@ -136,6 +137,22 @@ def _check_own_dataset(plan: RunPlan) -> None:
                           f"(sha256 {started_on}, now {plan.dataset_sha256}); restore it, or train a new run on it")
 
 
+# A dataset of one's own validates on a tenth of its training images, at most MNIST's 10,000.
+OWN_VAL_FRACTION, OWN_VAL_MAX = 10, 10_000
+
+
+def _fit_to_own_data(cfg: TrainConfig, given: dict, data_root) -> None:
+    """The defaults of ``val_size`` and ``batch_size`` are MNIST's; for a dataset of one's own,
+    those not given follow its size: a tenth of the images validates (at most 10,000), and a
+    batch is no larger than what is left to train on."""
+    found = len(data.load(cfg.dataset, "train", data_root)[0])
+    if "val_size" not in given:
+        cfg.val_size = max(1, min(OWN_VAL_MAX, found // OWN_VAL_FRACTION))
+    if "batch_size" not in given:
+        processes = distributed.world_size()
+        cfg.batch_size = max(processes, min(cfg.batch_size, (found - cfg.val_size) // processes * processes))
+
+
 def _check_labels(plan: RunPlan) -> None:
     """A class-conditional model has a class for every label of the data."""
     model = plan.model_object
@@ -174,6 +191,8 @@ def _new(model_name: str, run_dir: RunDir, size: str | None, model_overrides: di
         raise ConfigError(f"size must be one of {sorted(entry.presets)} for {model_name}, found {size!r}")
     preset_model, preset_train = entry.preset(size)
     cfg = apply_overrides(entry.train_config(), {**preset_train, **train_overrides})  # what is given wins
+    if data.is_path_dataset(cfg.dataset):
+        _fit_to_own_data(cfg, {**preset_train, **train_overrides}, data_root)
     model_config = asdict(_model_config(model_name, cfg, preset_model, model_overrides, data_root))
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     model = build_model(model_name, model_config)
@@ -346,7 +365,17 @@ def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: boo
     else:
         run_dir.create()
     processes = distributed.world_size()
-    run = {**plan.record(), "hardware": describe(device) + (f", {processes} processes (torchrun)" if processes > 1 else "")}
+    probe = {}
+    if state is None and getattr(cfg, "precision", None) == "auto":
+        pixels = torch.as_tensor(data.with_channels(plan.train_data[0][:cfg.batch_size]))
+        labels = torch.as_tensor(plan.train_data[1][:cfg.batch_size]).long() if model.conditional else None
+        probe = {"precision_probe": probe_precision(model, cfg, device, pixels, labels)}
+        cfg.precision = probe["precision_probe"]["chosen"]  # config.json and a resume keep the choice
+        if run_dir.writer:
+            rates = probe["precision_probe"]
+            print(f"precision=auto: {rates['fp32_images_per_s']:.1f} images/s in float32, {rates['bf16_images_per_s']:.1f} in bf16 "
+                  f"on this machine; training in {cfg.precision}", file=sys.stderr)
+    run = {**plan.record(), **probe, "hardware": describe(device) + (f", {processes} processes (torchrun)" if processes > 1 else "")}
     run_dir.write_config(run)
     console = Console(progress)
     board = TensorBoard(run_dir.path / run_dir.TENSORBOARD, None if state is None else state["step"] + 1) if tensorboard else None
