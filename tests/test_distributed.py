@@ -169,8 +169,9 @@ def test_actnorm_initialisation_under_two_ranks_equals_one_process_over_the_same
     import torch.distributed as dist
     from couplings import distributed
     from couplings.models import build_model
-    from couplings.transforms import ActNorm
+    from couplings.transforms import ActNorm, base
     distributed.start(torch.device("cpu"))
+    base.set_share_mean(distributed.mean_over_ranks)  # as the trainer does under torchrun
     torch.manual_seed(0)
     model = build_model("glow", {"steps": 2, "hidden": 8})
     pixels = torch.randint(0, 256, (8, 1, 28, 28), generator=torch.Generator().manual_seed(1))

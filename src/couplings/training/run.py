@@ -25,6 +25,7 @@ from couplings.training.errors import TrainingError
 from couplings.training.faults import FaultCounter, NumericalFault, roll_back, set_rng_states
 from couplings.training.loop import Budget, Console, Context
 from couplings.training.pixel import probe_precision
+from couplings.transforms.base import set_share_mean
 
 __all__ = ["RESUMABLE_OPTIONS", "RunPlan", "plan_run", "run_plan", "train"]
 
@@ -311,6 +312,8 @@ def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True, tens
     run_dir = plan.run_dir
     run_dir.writer = distributed.is_main()
     joined = distributed.start(dev)  # under torchrun: returns once every rank has planned the run
+    if distributed.world_size() > 1:  # ActNorm's start: the statistics of the global batch
+        set_share_mean(distributed.mean_over_ranks)
     try:
         with run_dir.lock():
             if plan.note and run_dir.writer:
@@ -329,6 +332,7 @@ def run_plan(plan: RunPlan, *, device: str = "auto", progress: bool = True, tens
             except distributed.DistributedError as e:
                 raise TrainingError(f"{e}; {_last_good(run_dir)}") from None
     finally:
+        set_share_mean(None)
         if joined:
             distributed.stop()
     return run_dir.path

@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
-__all__ = ["Composite", "Inverse", "Transform", "check_labels", "per_sample_sum"]
+__all__ = ["Composite", "Inverse", "Transform", "batch_is_shared", "check_labels", "per_sample_sum", "set_share_mean",
+           "share_mean"]
+
+# How the layers that start from their first batch (ActNorm, DiagonalScaling with init="data")
+# average its statistics when several processes each hold a share of that batch. None: one
+# process holds the whole batch. The trainer installs an all-reduce for a multi-process run
+# (`couplings.training.run`), so that no layer needs to know how many processes train it.
+_SHARE_MEAN: Callable[[Tensor], Tensor] | None = None
+
+
+def set_share_mean(mean: Callable[[Tensor], Tensor] | None) -> None:
+    """Installs ``mean`` (a tensor -> its element-wise mean over the processes that share a
+    batch), or with None goes back to one process."""
+    global _SHARE_MEAN
+    _SHARE_MEAN = mean
+
+
+def batch_is_shared() -> bool:
+    """Whether several processes each hold a share of the batch."""
+    return _SHARE_MEAN is not None
+
+
+def share_mean(t: Tensor) -> Tensor:
+    """``t``'s element-wise mean over the processes that share the batch (``t`` itself on one)."""
+    return t if _SHARE_MEAN is None else _SHARE_MEAN(t)
 
 
 class Transform(nn.Module):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from couplings import distributed
-from couplings.transforms.base import Transform
+from couplings.transforms.base import Transform, share_mean
 
 __all__ = ["DiagonalScaling", "InvConv1x1", "Permutation"]
 
@@ -35,8 +34,8 @@ class DiagonalScaling(Transform):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        mean = distributed.mean_over_ranks(x.mean(dim=0))
-        std = distributed.mean_over_ranks((x - mean).square().mean(dim=0)).sqrt()
+        mean = share_mean(x.mean(dim=0))  # of the global batch, when processes share it
+        std = share_mean((x - mean).square().mean(dim=0)).sqrt()
         self.log_scale.copy_(torch.log(self.target_std / (std + 1e-6)))
         self.initialized.fill_(True)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from couplings import distributed
-from couplings.transforms.base import Transform
+from couplings.transforms.base import Transform, batch_is_shared, share_mean
 
 __all__ = ["ActNorm", "BatchNormFlow"]
 
@@ -85,12 +84,12 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        if distributed.world_size() == 1:
+        if not batch_is_shared():
             mean = x.mean(dim=(0, 2, 3), keepdim=True)
             std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
         else:  # the statistics of the global batch, from every rank's equal share of it
-            mean = distributed.mean_over_ranks(x.mean(dim=(0, 2, 3), keepdim=True))
-            std = distributed.mean_over_ranks((x - mean).square().mean(dim=(0, 2, 3), keepdim=True)).sqrt()
+            mean = share_mean(x.mean(dim=(0, 2, 3), keepdim=True))
+            std = share_mean((x - mean).square().mean(dim=(0, 2, 3), keepdim=True)).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(True)
