@@ -150,7 +150,7 @@ def exact_float32():
 def test_fast_path_on_the_gpu_matches_the_cpu_result(name, option, exact_float32):
     device = _test_device()
     if device.type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (scripts/gpu_check.py runs these there; --smoke runs them on the CPU)")
+        pytest.skip("needs a CUDA GPU (never run on one so far; scripts/gpu_check.py runs these there, --smoke on the CPU)")
     if device.type == "cpu" and _slow(name, option):
         pytest.skip("compiling a convolutional flow takes minutes on CPU; set COUPLINGS_SLOW_TESTS=1")
     overrides, rtol = ({}, 1e-5) if option == "fp32" else OPTIONS[option]
