@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from couplings.models.base import at_least_float32, check_one_of, with_options
+from couplings.models.base import at_least_float32, check_at_least, check_one_of, with_options
 from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
 from couplings.transforms import (
@@ -19,6 +19,7 @@ from couplings.transforms import (
     InvConv1x1,
     LearnedSplitPrior,
     Logit,
+    MixtureCoupling2d,
     Shift,
     Squeeze,
     Transform,
@@ -46,6 +47,8 @@ class GlowConfig:
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
     dequant_hidden: int = 16  # channels of the variational dequantizer's gated networks
     alpha: float | None = None  # None: pixels centred at 0 (the paper); a number: logit with this alpha, as Real NVP
+    coupling: str = "affine"  # or "mixture": Flow++'s logistic-mixture CDF coupling (scale, min_scale unused)
+    mixtures: int = 8  # with coupling="mixture": the logistics per mixture (K)
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
@@ -66,7 +69,8 @@ class GlowConfig:
             raise ValueError("class_loss_weight needs class_couplings=false: couplings that see the label can write "
                              "it into the top latent, and the classifier then reads the label, not the image")
         check_one_of(self, net=("resnet", "gated"), scale=("sigmoid", "bounded"), dequantization=("uniform", "variational"),
-                     class_prior=("channel", "position"))
+                     class_prior=("channel", "position"), coupling=("affine", "mixture"))
+        check_at_least(self, 1, "mixtures")
         check_image_shape(self.image_shape, self.levels, "levels")
 
 
@@ -93,8 +97,8 @@ class Glow(MultiScaleFlow):
     still 3e-4 after an hour, with 0.3 it is 2e-5. ``min_scale=0`` is the paper's form.
     Built from a `GlowConfig` and/or its fields as keywords. With ``num_classes > 0`` it is
     class-conditional: the top latent has a learned prior per class (`ClassConditionalPrior`),
-    and ``transform``, ``inverse`` and ``sample`` take labels. ``net``, ``scale`` and
-    ``dequantization`` offer the same fast-learning options as `RealNVP`.
+    and ``transform``, ``inverse`` and ``sample`` take labels. ``net``, ``scale``,
+    ``dequantization`` and ``coupling="mixture"`` offer the same fast-learning options as `RealNVP`.
 
     Examples:
         A two-step, class-conditional Glow on 3x8x8 images (the sides must halve ``levels`` times):
@@ -119,9 +123,14 @@ class Glow(MultiScaleFlow):
 
         def step_of_flow(channels: int, seed: int) -> list[Transform]:
             bound = min_scale if config.scale == "sigmoid" else 0.0
-            return [ActNorm(channels), InvConv1x1(channels, seed=seed),
-                    AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale=config.scale, min_scale=bound,
-                                     net=config.net, num_classes=config.num_classes if config.class_couplings else 0)]
+            labels = config.num_classes if config.class_couplings else 0
+            if config.coupling == "mixture":
+                coupling = MixtureCoupling2d(channels, "channel", 0, hidden, blocks, config.mixtures, net=config.net,
+                                             num_classes=labels)
+            else:
+                coupling = AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale=config.scale, min_scale=bound,
+                                            net=config.net, num_classes=labels)
+            return [ActNorm(channels), InvConv1x1(channels, seed=seed), coupling]
 
         blocks_per_level, out_shapes, priors = [], [], []
         for level in range(config.levels):

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from couplings.models.base import check_at_least, check_one_of, with_options
 from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
-from couplings.transforms import AffineCoupling2d, BatchNormFlow, Composite, Logit, Squeeze, Transform
+from couplings.transforms import (
+    AffineCoupling2d,
+    BatchNormFlow,
+    Composite,
+    Logit,
+    MixtureCoupling2d,
+    Squeeze,
+    Transform,
+)
 
 __all__ = ["REALNVP_PRESETS", "RealNVP", "RealNVPConfig"]
 
@@ -28,16 +36,19 @@ class RealNVPConfig:
     scale: str = "tanh"  # "tanh": a * tanh(h) (the paper); "bounded": c * tanh(h / c), learned c
     dequantization: str = "uniform"  # or "variational": a learned q(u | k) (Flow++)
     dequant_hidden: int = 16  # channels of the variational dequantizer's gated networks
+    coupling: str = "affine"  # or "mixture": Flow++'s logistic-mixture CDF coupling (scale is then unused)
+    mixtures: int = 8  # with coupling="mixture": the logistics per mixture (K)
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
         if self.scales < 1 or self.hidden < 1 or self.blocks < 0:
             raise ValueError(f"need scales >= 1, hidden >= 1, blocks >= 0; found {self.scales}, {self.hidden}, {self.blocks}")
-        check_at_least(self, 1, "per_scale", "final", "dequant_hidden")
+        check_at_least(self, 1, "per_scale", "final", "dequant_hidden", "mixtures")
         check_image_shape(self.image_shape, self.scales, "scales")
         if not 0 <= self.alpha < 0.5:
             raise ValueError(f"alpha must be in [0, 0.5), found {self.alpha}")
-        check_one_of(self, net=("resnet", "gated"), scale=("tanh", "bounded"), dequantization=("uniform", "variational"))
+        check_one_of(self, net=("resnet", "gated"), scale=("tanh", "bounded"), dequantization=("uniform", "variational"),
+                     coupling=("affine", "mixture"))
 
 
 # "fast": the best validation bits/dim after minutes of training on one CPU thread that we
@@ -60,8 +71,9 @@ class RealNVP(MultiScaleFlow):
 
     Beyond the paper, as options: the number of couplings per scale (``per_scale``, ``final``),
     gated convolutional networks (``net="gated"``), scales that can expand as well as contract
-    (``scale="bounded"``) and variational dequantization (``dequantization="variational"``), the
-    ingredients of Flow++ and of fast-learning small flows.
+    (``scale="bounded"``), variational dequantization (``dequantization="variational"``) and
+    logistic-mixture CDF couplings (``coupling="mixture"``, `MixtureCoupling2d`, with ``mixtures``
+    logistics each), the ingredients of Flow++ and of fast-learning small flows.
 
     Examples:
         A narrow Real NVP (8 channels, one residual block per network) on MNIST-shaped images:
@@ -92,7 +104,12 @@ class RealNVP(MultiScaleFlow):
         def couplings(channels: int, mask: str, count: int) -> list[Transform]:
             layers: list[Transform] = []
             for i in range(count):
-                layers.append(AffineCoupling2d(channels, mask, i % 2, hidden, blocks, scale=config.scale, net=config.net))
+                if config.coupling == "mixture":
+                    layers.append(MixtureCoupling2d(channels, mask, i % 2, hidden, blocks, config.mixtures,
+                                                    net=config.net))
+                else:
+                    layers.append(AffineCoupling2d(channels, mask, i % 2, hidden, blocks, scale=config.scale,
+                                                   net=config.net))
                 if config.batch_norm:
                     layers.append(BatchNormFlow(channels, spatial=True, momentum=0.05, eps=1e-4))
             return layers

@@ -1,12 +1,19 @@
 """Invertible layers, each following the `Transform` contract of `couplings.transforms.base`.
 
-One file per kind of layer: ``coupling`` (additive and affine couplings), ``normalization``
-(batch norm as a flow, ActNorm), ``linear`` (diagonal scaling, permutations, 1x1 convolution),
-``elementwise`` (logit, shift), ``reshape`` (squeeze) and ``multiscale`` (split priors).
+One file per kind of layer: ``coupling`` (additive, affine and logistic-mixture couplings),
+``normalization`` (batch norm as a flow, ActNorm), ``linear`` (diagonal scaling, permutations,
+1x1 convolution), ``elementwise`` (logit, shift), ``reshape`` (squeeze) and ``multiscale`` (split
+priors).
 """
 
 from couplings.transforms.base import Composite, Inverse, Transform
-from couplings.transforms.coupling import AdditiveCoupling, AffineCoupling, AffineCoupling2d, checkerboard
+from couplings.transforms.coupling import (
+    AdditiveCoupling,
+    AffineCoupling,
+    AffineCoupling2d,
+    MixtureCoupling2d,
+    checkerboard,
+)
 from couplings.transforms.elementwise import Logit, Shift
 from couplings.transforms.linear import DiagonalScaling, InvConv1x1, Permutation
 from couplings.transforms.multiscale import ClassConditionalPrior, LearnedSplitPrior
@@ -26,6 +33,7 @@ __all__ = [
     "Inverse",
     "LearnedSplitPrior",
     "Logit",
+    "MixtureCoupling2d",
     "Permutation",
     "Shift",
     "Squeeze",
