@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic IDX datasets registered under a throwaway name."""
+"""Shared fixtures: synthetic IDX datasets registered under a throwaway name; the stress mode of
+the tests that start processes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,3 +99,39 @@ def pytest_runtest_setup(item):
             if os.environ.get("COUPLINGS_REQUIRE_NETWORK") == "1":
                 pytest.fail(f"{message} ($COUPLINGS_REQUIRE_NETWORK=1 makes the real datasets required)")
             pytest.skip(f"{message}; set COUPLINGS_REQUIRE_NETWORK=1 to make this a failure")
+
+
+# Tests marked `processes` start training processes and time signals, kills, locks or faults
+# against them (torchrun, SIGKILL sweeps, write faults). COUPLINGS_STRESS=N runs each of them N
+# times while a CPU hog (one busy process per core) runs beside it, as on a loaded CI machine.
+# Unset, nothing changes and no hog runs.
+STRESS = int(os.environ.get("COUPLINGS_STRESS") or 0)
+
+# The hog's loop; it ends by itself if pytest dies without stopping it.
+_HOG = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(10**6):\n        pass\n"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "processes: starts training processes and signals, kills or faults them "
+                                       "($COUPLINGS_STRESS=N: N times beside a CPU hog)")
+
+
+def pytest_generate_tests(metafunc):
+    if STRESS and metafunc.definition.get_closest_marker("processes"):
+        metafunc.fixturenames.append("stress_round")
+        metafunc.parametrize("stress_round", range(1, STRESS + 1), ids=lambda i: f"stress{i}of{STRESS}")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_hog(request):
+    """Under COUPLINGS_STRESS, a busy process per core beside each test marked `processes`."""
+    if not STRESS or request.node.get_closest_marker("processes") is None:
+        yield
+        return
+    hogs = [subprocess.Popen([sys.executable, "-c", _HOG]) for _ in os.sched_getaffinity(0)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()

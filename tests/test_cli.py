@@ -171,6 +171,7 @@ def test_resume_recreates_a_missing_samples_directory(run_dir):
     assert checkpoint.load(run_dir / "last.pt")["step"] == 7 and any((run_dir / "samples").iterdir())
 
 
+@pytest.mark.processes
 def test_sigterm_stops_after_the_current_step_and_checkpoints(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     argv = cli_child("train", "nice", "--out", str(out), *TINY, "--epochs", "100000")

@@ -81,6 +81,7 @@ def _wait_for(predicate, seconds: float = 60) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.processes
 def test_a_second_train_into_a_live_run_is_refused_and_a_killed_run_resumes(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(cli_child("train", "nice", "--out", str(out), *NICE, "--epochs", "100000"),

@@ -248,6 +248,7 @@ def _tmpfs(size: str):
         mount_point.rmdir()
 
 
+@pytest.mark.processes
 def test_a_real_full_disk_stops_training_with_one_line_and_keeps_the_checkpoints(tiny_dataset, tmp_path):
     probe = tmp_path / "probe"
     assert _train(probe, "--max-steps", "1") == 0
@@ -286,6 +287,7 @@ def _last_error(process: subprocess.Popen) -> str:
     return err.strip().splitlines()[-1]
 
 
+@pytest.mark.processes
 def test_a_run_directory_made_read_only_mid_run(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     process = _start_slow_run(run, _without_permission_override())
@@ -300,6 +302,7 @@ def test_a_run_directory_made_read_only_mid_run(tiny_dataset, tmp_path):
         checkpoint.load(path)
 
 
+@pytest.mark.processes
 def test_a_run_directory_that_vanishes_mid_run(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     process = _start_slow_run(run)
@@ -319,6 +322,7 @@ def _checkpoints_written(log: Path) -> int:
     return text.count("inside a write of last.pt") + text.count("inside a write of best.pt")
 
 
+@pytest.mark.processes
 def test_a_sweep_of_kills_at_random_moments_then_resume_ends_bitwise_equal(tiny_dataset, tmp_path):
     """At least 30 SIGKILLs (``COUPLINGS_KILL_SWEEP=N`` for more) at random moments of one tiny
     run whose every write pauses half-way, so that many land inside a checkpoint, metrics or

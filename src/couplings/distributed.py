@@ -72,6 +72,14 @@ def start(device: torch.device) -> bool:
     returns False (and does nothing) on one process or when a process group already exists."""
     if world_size() == 1 or dist.is_initialized():
         return False
+    # torch.distributed.nn.functional takes ``group=group.WORLD`` as a default argument, evaluated
+    # when it is imported; imported after the process group exists (the first torch.optim
+    # optimizer imports it, through torch._dynamo), it keeps the group, its gloo threads and its
+    # sockets alive after `stop`, until the interpreter tears them down at exit, where a gloo
+    # thread that needs the GIL aborts the process ("terminate called without an active
+    # exception"). Imported first, its default is None.
+    import torch.distributed.nn
+
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
