@@ -122,6 +122,13 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("stress_round", range(1, STRESS + 1), ids=lambda i: f"stress{i}of{STRESS}")
 
 
+def pytest_collection_modifyitems(items):
+    """Under COUPLINGS_STRESS, round by round: every test once, then every test again, so that a
+    run cut short still holds whole rounds and a failing test shows in the first round."""
+    if STRESS:
+        items.sort(key=lambda item: getattr(item, "callspec", None) and item.callspec.params.get("stress_round") or 0)
+
+
 @pytest.fixture(autouse=True)
 def _cpu_hog(request):
     """Under COUPLINGS_STRESS, a busy process per core beside each test marked `processes`."""
