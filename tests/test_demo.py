@@ -1,5 +1,6 @@
-"""`make demo`, read without running it (`make -n`): every model it trains is in its report, each
-training is on one CPU thread with the stated budget, and every option it sets is one the model has."""
+"""`make demo`, read without running it (`make -n`): every model it trains is in its report beside
+the shipped model of its kind, each training is on one CPU thread with the stated budget, and every
+option it sets is one the model has."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from couplings import checkpoint
 from couplings.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,16 @@ def test_make_demo_reports_every_model_it_trains_each_on_one_thread():
     assert {c[3] for c in trains} == {"nice", "realnvp", "glow", "latent-realnvp"}
     compare = next(c for c in commands if c[0].endswith("couplings") and c[1] == "compare")
     outs = [c[c.index("--out") + 1] for c in trains]
-    assert sorted(outs) == sorted(compare[2:compare.index("--out")])  # the runs it compares
+    compared = compare[2:compare.index("--out")]
+    shipped = [r.removeprefix("pretrained:") for r in compared if r.startswith("pretrained:")]
+    assert sorted(outs) == sorted(r for r in compared if not r.startswith("pretrained:"))  # the runs it trains
+    # one shipped model per model it trains, of the same model and conditioning
+    kinds = [(c[3], "num_classes=10" in c or c[3] == "latent-realnvp") for c in trains]
+    shipped_kinds = []
+    for name in shipped:
+        state = checkpoint.load(checkpoint.pretrained_path(name))
+        shipped_kinds.append((state["model"], state["model_config"].get("num_classes", 0) > 0))
+    assert sorted(kinds) == sorted(shipped_kinds)
     for c in trains:
         assert c[0] == "OMP_NUM_THREADS=1" and c[c.index("--device") + 1] == "cpu"
         if c[3] != "latent-realnvp":  # the pixel-space models train for DEMO_MINUTES each

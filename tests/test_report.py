@@ -18,7 +18,7 @@ from couplings.report import collect as report_collect
 from couplings.cli import main
 from couplings.evaluation import NO_PIXEL_BPD
 from couplings.report import HEADERS, RunSummary, table
-from couplings.report.table import COST, QUALITY, published_gaps
+from couplings.report.table import COST, QUALITY, against_pretrained, published_gaps
 
 ARTIFACTS = Path(os.environ.get("COUPLINGS_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 COMMON = ["--dataset", "tiny", "--set", "val_size=50", "--set", "samples_per_epoch=4", "--device", "cpu", "--quiet"]
@@ -244,3 +244,54 @@ def test_compare_takes_a_pretrained_model_like_a_run(tmp_path):
     scored = json.loads((out / "pretrained-nice-small-mnist" / "eval.json").read_text())["test"]["bits_per_dim"]
     assert scored == pytest.approx(stored, abs=1e-4)  # the same model, scored on the same test set
     assert "pretrained-nice-small-mnist" in (out / "report.md").read_text()
+
+
+@pytest.mark.network  # trains on MNIST and scores a shipped model on its test images
+def test_short_runs_beside_shipped_models_scored_on_the_same_test_images_two_at_a_time(tmp_path):
+    from couplings.evaluation import evaluate_checkpoint
+
+    run = tmp_path / "nice-small"
+    assert main(["train", "nice", "--set", "size=small", "--set", "hidden_units=16", "--set", "val_size=100",
+                 "--batch-size", "50", "--max-steps", "3", "--out", str(run), "--device", "cpu", "--quiet"]) == 0
+    out = tmp_path / "report"
+
+    def compare(test_images: int) -> dict[str, dict]:
+        assert main(["compare", str(run), "pretrained:nice-small-mnist", "--out", str(out), "--test-images",
+                     str(test_images), "--samples", "0", "--draws", "1", "--ood-images", "50", "--jobs", "2",
+                     "--device", "cpu"]) == 0
+        return {d.name: json.loads((d / "eval.json").read_text())["test"] for d in (run, out / "pretrained-nice-small-mnist")}
+
+    scored = compare(300)
+    assert [(r["num_images"], r["image_limit"]) for r in scored.values()] == [(300, 300)] * 2
+    # The evaluation in a worker process is the one this process would have made.
+    alone = evaluate_checkpoint(run, num_images=300, samples=0)
+    assert scored["nice-small"]["bits_per_dim"] == pytest.approx(alone["bits_per_dim"], abs=1e-9)
+    ours, theirs = scored["nice-small"]["bits_per_dim"], scored["pretrained-nice-small-mnist"]["bits_per_dim"]
+    report = (out / "report.md").read_text()
+    assert "The first 300 test images of each run's dataset" in report
+    assert "## How far short runs are from long ones" in report
+    assert (f"- nice-small against the shipped nice-small-mnist: test bits/dim {ours:.3f} against {theirs:.3f} "
+            f"({ours - theirs:+.3f})") in report
+
+    rescored = compare(200)  # an evaluation on other images is not reused
+    assert [r["num_images"] for r in rescored.values()] == [200, 200]
+
+
+def test_only_runs_trained_here_are_set_against_the_shipped_model_of_their_kind(tmp_path):
+    def run(name, model="realnvp", bpd=1.3, fid=200.0, minutes=5.0, num_classes=0, pretrained=None):
+        result = {"model": model, "dataset": "mnist", "bits_per_dim": bpd, "parameters": 1,
+                  "sample_quality": {"fid": fid, "kid": 0.1, "nearest_train_l2": 1.0}}
+        if pretrained:
+            result["training_seconds"] = minutes * 60
+        return RunSummary(name=name, path=tmp_path, result=result, seconds_per_64={"sampling": 0, "inference": 0},
+                          history=[] if pretrained else [{"epoch": 1, "elapsed": minutes * 60}],
+                          config={"model": model, "model_config": {"num_classes": num_classes}, "train": {}},
+                          pretrained=pretrained)
+
+    runs = [run("realnvp-fast"), run("glow-cond", model="glow", num_classes=10),
+            run("pretrained-realnvp", bpd=1.094, fid=88.4, minutes=240, pretrained="realnvp-fast-mnist"),
+            run("pretrained-glow", model="glow", bpd=1.08, fid=20.3, minutes=242, pretrained="glow-mnist")]
+    lines = against_pretrained(runs)
+    # The conditional Glow has no shipped model of its kind here (the shipped Glow is unconditional).
+    assert lines == [("realnvp-fast against the shipped realnvp-fast-mnist: test bits/dim 1.300 against 1.094 "
+                      "(+0.206), FID 200.0 against 88.4; 5.0 against 240 minutes of training")]

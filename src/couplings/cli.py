@@ -155,6 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="K > 1: the importance-weighted bits/dim over K dequantization draws (what papers "
                         "with variational dequantization report); 1: the bound of one draw")
     e.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature for the metrics")
+    e.add_argument("--images", type=_positive_int, metavar="N", help="score the first N images of the split (default: all)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     x = commands.add_parser("export", help="write a run's best weights as safetensors + JSON config, or a small .pt")
@@ -192,6 +193,10 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples", type=_non_negative_int, default=10_000,
                    help="samples per run for the sample-quality metrics (0: skip them)")
     c.add_argument("--draws", type=_positive_int, default=3, help="dequantization draws for the bits/dim spread")
+    c.add_argument("--test-images", type=_positive_int, metavar="N",
+                   help="score every run on the first N test images (default: all of them)")
+    c.add_argument("--jobs", type=_positive_int, default=1, metavar="J",
+                   help="evaluate J runs at a time on the CPU, in processes of their share of the threads (default 1)")
     c.add_argument("--ood-images", type=_positive_int, help="test images per dataset in the out-of-distribution "
                    "histogram (default: all)")
     c.add_argument("--ood-dataset", choices=sorted(data.DATASETS),
@@ -276,7 +281,7 @@ def _cmd_eval(args) -> int:
     args.run = _model_path(args)
     result = evaluate_checkpoint(args.run, dataset=args.dataset, split=args.split, samples=args.samples,
                                  temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                                 importance_samples=args.importance_samples,
+                                 importance_samples=args.importance_samples, num_images=args.images,
                                  device=resolve_device(args.device), progress=True)
     where = f"{result['model']} on {result['dataset']} {args.split} ({result['num_images']} images)"
     if result["bits_per_dim"] is None:
@@ -398,8 +403,9 @@ def _cmd_compare(args) -> int:
     _check_writable_dir(args.out, "--out")
     created = not args.out.exists()
     try:
-        report = compare(args.runs, args.out, samples=args.samples, draws=args.draws, ood_images=args.ood_images,
-                         ood_dataset=args.ood_dataset, device=resolve_device(args.device), progress=True)
+        report = compare(args.runs, args.out, samples=args.samples, draws=args.draws, test_images=args.test_images,
+                         ood_images=args.ood_images, ood_dataset=args.ood_dataset, jobs=args.jobs,
+                         device=resolve_device(args.device), progress=True)
     except BaseException:
         if created:  # no half-written report is left behind
             shutil.rmtree(args.out, ignore_errors=True)

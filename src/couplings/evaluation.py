@@ -50,6 +50,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     batch_size: int = 1000,
     importance_samples: int = 1,
+    num_images: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict:
@@ -61,6 +62,8 @@ def evaluate_checkpoint(
     ``bits_per_dim: None`` with the reason. With ``samples > 0`` and a committed classifier for
     the dataset, the sample-quality metrics of `couplings.metrics` are added; for a dataset of
     one's own they are skipped with the reason, and its ``dataset_sha256`` is recorded.
+    ``num_images`` scores the first that many images of the split (None: all of them); the
+    sample metrics then compare with those same images.
     """
     started = time.perf_counter()
     model, state = checkpoint.load_model(path, device)
@@ -68,6 +71,8 @@ def evaluate_checkpoint(
     dataset = dataset or train_config.get("dataset", "mnist")
     val_size = train_config.get("val_size", TrainConfig.val_size)
     images, labels = load_split(dataset, split, val_size)
+    if num_images is not None:
+        images, labels = images[:num_images], labels[:num_images]
     result = {
         "checkpoint": str(checkpoint.resolve(path)),
         "model": state["model"],
@@ -75,6 +80,7 @@ def evaluate_checkpoint(
         "dataset": dataset,
         "split": split,
         "num_images": len(images),
+        "image_limit": num_images,
         "epoch": state.get("epoch"),
         "step": state.get("step"),
         "training_seconds": state.get("elapsed"),

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 from couplings.hardware import describe
-from couplings.report.collect import Report, RunSummary, as_run_directory, summarize_run
+from couplings.report.collect import (
+    PRETRAINED_PREFIX,
+    Report,
+    RunSummary,
+    as_run_directory,
+    evaluate_in_parallel,
+    summarize_run,
+)
 from couplings.report.figures import TEMPERATURES, plot_curves, plot_ood
 from couplings.report.render import write
 from couplings.report.table import HEADERS, table
@@ -33,8 +40,10 @@ def compare(
     *,
     samples: int = 10_000,
     draws: int = 3,
+    test_images: int | None = None,
     ood_images: int | None = None,
     ood_dataset: str | None = None,
+    jobs: int = 1,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Report:
@@ -45,9 +54,12 @@ def compare(
     Args:
         samples: Samples per run for FID/KID/precision/recall (0 skips them).
         draws: Dequantization draws for the spread of test bits/dim (seeds 0..draws-1).
+        test_images: Score every run on the first that many test images (None: all of them).
         ood_images: Test images per dataset for the out-of-distribution histogram (None: all).
         ood_dataset: The other dataset for that histogram (default: Fashion-MNIST for MNIST runs
             and the reverse).
+        jobs: On the CPU, how many runs to evaluate at a time, each in a process with its share of
+            the threads (the figures and timings then follow one run at a time).
     """
     from couplings import __version__
 
@@ -58,17 +70,23 @@ def compare(
     device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    directories = [as_run_directory(run, out) for run in runs]
+    if device.type == "cpu":
+        evaluate_in_parallel(directories, jobs, samples=samples, draws=draws, test_images=test_images)
     summaries = [
-        summarize_run(as_run_directory(run, out), out, index, samples=samples, draws=draws, device=device, ood_dataset=ood_dataset,
-                      ood_images=ood_images, progress=progress)
-        for index, run in enumerate(runs)
+        summarize_run(directory, out, index, samples=samples, draws=draws, device=device, test_images=test_images,
+                      ood_dataset=ood_dataset, ood_images=ood_images, progress=progress)
+        for index, directory in enumerate(directories)
     ]
+    for run, summary in zip(runs, summaries):
+        if str(run).startswith(PRETRAINED_PREFIX):
+            summary.pretrained = str(run).removeprefix(PRETRAINED_PREFIX)
     for stale in ("curves.png", "ood.png"):
         (out / stale).unlink(missing_ok=True)
     plot_curves(summaries, out / "curves.png")
     plot_ood(summaries, out / "ood.png")
     report = Report(summaries, HEADERS, table(summaries), out)
-    meta = {"samples": samples, "draws": draws, "device": describe(device), "version": __version__,
+    meta = {"samples": samples, "draws": draws, "test_images": test_images, "device": describe(device), "version": __version__,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     write(report, meta)
     return report

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from couplings.report.figures import sample_figures
 from couplings.rundir import RunDir
 from couplings.sampling import sample_labels
 
-__all__ = ["OOD_COUNTERPART", "Report", "RunSummary", "as_run_directory", "summarize_run"]
+__all__ = ["OOD_COUNTERPART", "Report", "RunSummary", "as_run_directory", "evaluate_in_parallel", "summarize_run"]
 
 OOD_COUNTERPART = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}
 # Training options that may differ between runs of one row (the seed, and budgets that only
@@ -41,15 +43,16 @@ class RunSummary:
     seconds_per_64: dict[str, float]  # "sampling" and "inference", on the report's device
     ood: dict | None = None  # per-image bits/dim in and out of distribution
     figures: dict[str, Path] = field(default_factory=dict)
+    pretrained: str | None = None  # the shipped model's name, for a pretrained:NAME run
 
     @property
     def has_pixel_density(self) -> bool:
         return self.result.get("bits_per_dim") is not None
 
     def group_key(self) -> str:
-        """Runs with the same key are seeds of one recipe."""
+        """Runs with the same key are seeds of one recipe; a shipped model is a row of its own."""
         recipe = {k: v for k, v in self.config.get("train", {}).items() if k not in _NOT_RECIPE}
-        return json.dumps([self.config["model"], self.config.get("model_config"), recipe], sort_keys=True)
+        return json.dumps([self.config["model"], self.config.get("model_config"), recipe, self.pretrained], sort_keys=True)
 
 
 @dataclass
@@ -80,9 +83,9 @@ def as_run_directory(run: str | Path, out: Path) -> Path:
     return directory.path
 
 
-def _eval_is_current(entry: dict | None, run: Path, samples: int) -> bool:
+def _eval_is_current(entry: dict | None, run: Path, samples: int, test_images: int | None) -> bool:
     """A stored test evaluation counts if it scored this run's checkpoint, after the checkpoint
-    was last written, with the number of samples asked for."""
+    was last written, on as many test images and with as many samples as asked for."""
     if not entry:
         return False
     ckpt = checkpoint.resolve(run)
@@ -92,8 +95,59 @@ def _eval_is_current(entry: dict | None, run: Path, samples: int) -> bool:
     return (
         Path(entry.get("checkpoint", "")).resolve() == ckpt.resolve()
         and eval_file.stat().st_mtime >= ckpt.stat().st_mtime
+        and entry.get("image_limit") == test_images
         and (drawn == samples or (samples == 0 and "sample_quality" not in entry) or "skipped" in quality)
     )
+
+
+def _evaluated(run: Path, *, samples: int, draws: int, test_images: int | None, device: torch.device,
+               progress: bool = False) -> dict:
+    """The run's test evaluation with its ``draws`` dequantization draws of bits/dim: read from
+    its ``eval.json`` when current, otherwise computed and stored there."""
+    run_dir = RunDir(run)
+    result = run_dir.read_eval().get("test")
+    if not _eval_is_current(result, run, samples, test_images):
+        _log(f"evaluating {run} on the test set ({samples} samples)")
+        result = evaluate_checkpoint(run, samples=samples, num_images=test_images, device=device, progress=progress)
+    if result.get("bits_per_dim") is not None and len(result.get("bits_per_dim_draws", [])) < draws:
+        _log(f"{run}: test bits/dim under {draws} dequantization draws")
+        model, _ = checkpoint.load_model(run, device)
+        images, labels = _test_images(result)
+        result["bits_per_dim_draws"] = [
+            result["bits_per_dim"] if seed == 0 else
+            nats_to_bits_per_dim(float(log_probs(model, images, seed=seed, labels=labels if model.conditional else None)
+                                       .mean()), result["dimensions"])
+            for seed in range(draws)
+        ]
+    run_dir.update_eval("test", result)
+    return result
+
+
+def _test_images(result: dict):
+    """The test images (and labels) that ``result`` scored."""
+    images, labels = data.load(result["dataset"], "test")
+    return images[: result["num_images"]], labels[: result["num_images"]]
+
+
+def _evaluate_in_worker(run: str, samples: int, draws: int, test_images: int | None, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _evaluated(Path(run), samples=samples, draws=draws, test_images=test_images, device=torch.device("cpu"))
+
+
+def evaluate_in_parallel(runs: list[Path], jobs: int, *, samples: int, draws: int, test_images: int | None) -> None:
+    """Evaluates on the CPU the runs whose ``eval.json`` is not current, ``jobs`` at a time, each in
+    a fresh process with its share of this process's threads; `summarize_run` then reads them."""
+    runs = list(dict.fromkeys(Path(run) for run in runs))
+    stale = [run for run in runs if not _eval_is_current(RunDir(run).read_eval().get("test"), run, samples, test_images)]
+    if jobs < 2 or len(stale) < 2:
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    _log(f"evaluating {len(stale)} runs, {jobs} at a time on {threads} thread(s) each")
+    # spawn, not fork: a forked child of a process whose OpenMP threads have run can hang.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_evaluate_in_worker, str(run), samples, draws, test_images, threads) for run in stale]
+        for future in futures:
+            future.result()  # an evaluation's error is raised here
 
 
 @torch.inference_mode()
@@ -120,6 +174,7 @@ def summarize_run(
     samples: int,
     draws: int,
     device: torch.device,
+    test_images: int | None = None,
     ood_dataset: str | None = None,
     ood_images: int | None = None,
     progress: bool = False,
@@ -130,21 +185,9 @@ def summarize_run(
     if not (run / RunDir.CONFIG).is_file():
         raise FileNotFoundError(f"{run} has no {RunDir.CONFIG}; expected a run directory written by 'couplings train'")
     config = run_dir.read_config()
-    result = run_dir.read_eval().get("test")
-    if not _eval_is_current(result, run, samples):
-        _log(f"evaluating {run} on the test set ({samples} samples)")
-        result = evaluate_checkpoint(run, samples=samples, device=device, progress=progress)
+    result = _evaluated(run, samples=samples, draws=draws, test_images=test_images, device=device, progress=progress)
     model, _ = checkpoint.load_model(run, device)
-    images, labels = data.load(result["dataset"], "test")
-    if result.get("bits_per_dim") is not None and len(result.get("bits_per_dim_draws", [])) < draws:
-        _log(f"{run}: test bits/dim under {draws} dequantization draws")
-        result["bits_per_dim_draws"] = [
-            result["bits_per_dim"] if seed == 0 else
-            nats_to_bits_per_dim(float(log_probs(model, images, seed=seed, labels=labels if model.conditional else None)
-                                       .mean()), result["dimensions"])
-            for seed in range(draws)
-        ]
-    run_dir.update_eval("test", result)
+    images, labels = _test_images(result)
 
     _log(f"{run}: timings and figures")
     x = torch.as_tensor(data.with_channels(images[:64])).to(device)  # (64, C, H, W) uint8

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 from couplings.files import atomic_write
 from couplings.report.figures import TEMPERATURES
-from couplings.report.table import CONVERSION, COST, QUALITY, columns, published_anchors, published_gaps
+from couplings.report.table import (
+    CONVERSION, COST, QUALITY, against_pretrained, columns, published_anchors, published_gaps,
+)
 
 if TYPE_CHECKING:
     from couplings.report.collect import Report, RunSummary
@@ -50,9 +52,10 @@ figcaption { font-size: 0.85rem; color: #555; }
 def _sections(report: Report, meta: dict) -> list[tuple[str, list]]:
     """The report as (title, parts); a part is text, a table (headers, rows, id) or a figure (path, caption)."""
     runs = report.runs
+    scored = (f"The first {meta['test_images']} test images" if meta.get("test_images") else "The test set")
     sections = [
         ("Results", [
-            f"Test set of each run's dataset. Sample metrics use {meta['samples']} samples at temperature 1.0 on "
+            f"{scored} of each run's dataset. Sample metrics use {meta['samples']} samples at temperature 1.0 on "
             f"the features of the project's own classifier (not Inception; they compare only with each other). "
             f"Spread: standard deviation of test bits/dim over {meta['draws']} dequantization draws. Timings "
             f"(median of 5 after a warm-up) on {meta['device']}.",
@@ -63,6 +66,15 @@ def _sections(report: Report, meta: dict) -> list[tuple[str, list]]:
             "How far each is from its published figure (lower bits/dim is better):",
             *[f"- {line}." for line in published_gaps(runs)],
         ]),
+    ]
+    long_runs = against_pretrained(runs)
+    if long_runs:
+        sections.append(("How far short runs are from long ones", [
+            ("Each run trained here beside the shipped model of its kind, trained for much longer, scored on the "
+             "same images with the same settings:"),
+            *[f"- {line}." for line in long_runs],
+        ]))
+    sections += [
         ("Published anchors", [CONVERSION, (["model", "test bits/dim", "test log-likelihood (nats)", "source"],
                                             published_anchors(), "anchors")]),
     ]

@@ -13,7 +13,8 @@ from couplings.models import PUBLISHED
 if TYPE_CHECKING:
     from couplings.report.collect import RunSummary
 
-__all__ = ["CONVERSION", "COST", "HEADERS", "QUALITY", "columns", "published_anchors", "published_gaps", "table"]
+__all__ = ["CONVERSION", "COST", "HEADERS", "QUALITY", "against_pretrained", "columns", "published_anchors",
+           "published_gaps", "table"]
 
 
 HEADERS = [
@@ -74,8 +75,10 @@ def _values(run: RunSummary) -> dict:
         "KID": no_quality or quality["kid"],
         "conditional accuracy": no_quality or quality.get("conditional_accuracy", "unconditional model"),
         "nearest-train L2": no_quality or quality["nearest_train_l2"],
-        "training wall-clock": history[-1]["elapsed"] / 60 if history else "no metrics.jsonl",
-        "epochs": _epochs(history),
+        # a shipped model has no metrics.jsonl; its checkpoint says how long it trained
+        "training wall-clock": (history[-1]["elapsed"] / 60 if history else
+                                result["training_seconds"] / 60 if result.get("training_seconds") else "no metrics.jsonl"),
+        "epochs": _epochs(history) if history else result.get("epoch") or "n/a",
         "training hardware": run.config.get("hardware") or "unknown",
         "training images/s": statistics.median(speeds) if speeds else "no metrics.jsonl",
         "sampling s / 64 images": run.seconds_per_64["sampling"],
@@ -148,6 +151,34 @@ def published_gaps(runs: list[RunSummary]) -> list[str]:
                       if conditional else "")
             lines.append(f"{name} ({first['model']}): {ours:.3f} bits/dim{estimate}, against the published {published:.3f} "
                          f"({first['published_source']}), {abs(gap):.3f} {where} it ({abs(gap) / published:.1%}){caveat}")
+    return lines
+
+
+def _kind(run: RunSummary) -> tuple:
+    conditional = (run.config.get("model_config") or {}).get("num_classes", 0) > 0
+    return run.result["model"], run.result["dataset"], conditional
+
+
+def against_pretrained(runs: list[RunSummary]) -> list[str]:
+    """One line per run that has a shipped model of its kind (model, dataset, conditioning) beside
+    it in the report: how far its short training is from that long-trained model."""
+    lines = []
+    for run in runs:
+        for shipped in (r for r in runs if r.pretrained and not run.pretrained and _kind(r) == _kind(run)):
+            ours, theirs = _values(run), _values(shipped)
+            if run.has_pixel_density:
+                gap = ours["test bits/dim"] - theirs["test bits/dim"]
+                density = f"test bits/dim {ours['test bits/dim']:.3f} against {theirs['test bits/dim']:.3f} ({gap:+.3f})"
+            else:
+                ours_nll, theirs_nll = run.result["latent_nll_nats"], shipped.result["latent_nll_nats"]
+                density = (f"latent NLL {ours_nll:.2f} against {theirs_nll:.2f} nats ({ours_nll - theirs_nll:+.2f}; "
+                           "their autoencoders differ, so their latent densities are not of the same thing)")
+            quality = (f", FID {ours['FID']:.1f} against {theirs['FID']:.1f}"
+                       if all(isinstance(v["FID"], float) for v in (ours, theirs)) else "")
+            minutes = [v["training wall-clock"] for v in (ours, theirs)]
+            took = (f"{minutes[0]:.1f} against {minutes[1]:.0f} minutes of training"
+                    if all(isinstance(m, float) for m in minutes) else "training times unknown")
+            lines.append(f"{run.name} against the shipped {shipped.pretrained}: {density}{quality}; {took}")
     return lines
 
 
