@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from _kill_sweep import sweep
 from conftest import write_tiny_dataset
+
 from couplings import checkpoint, data
 from couplings.cli import main
 from couplings.models import build_model
 from couplings.rundir import RunDir
 from couplings.transforms import ActNorm
-from test_write_faults import _checkpoints_written
 
 pytestmark = pytest.mark.processes  # every test here starts torchrun (COUPLINGS_STRESS, conftest.py)
 
@@ -301,40 +299,21 @@ def test_a_sweep_of_kills_of_torchrun_and_its_ranks_then_resume_ends_bitwise_equ
     done = subprocess.run(_torchrun_command(tmp_path, md5, ["train", "nice", "--out", str(straight), *argv]), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    seed = int.from_bytes(os.urandom(4), "little")
-    rng = random.Random(seed)
-    kills, inside, starts, runs = 0, 0, 0, 1
-    while True:
-        cmd = _torchrun_command(tmp_path, md5, ["train", "nice", "--out", str(run), *argv, *(["--resume"] if starts else [])])
+
+    def start(resume: bool, log: Path) -> subprocess.Popen:
+        cmd = _torchrun_command(tmp_path, md5, ["train", "nice", "--out", str(run), *argv, *(["--resume"] if resume else [])])
         with open(log, "w") as err:
-            process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        starts += 1
-        if kills < TORCHRUN_KILLS:
-            deadline = time.monotonic() + 300
-            while _checkpoints_written(log) < (2 if starts == 1 else 1) and process.poll() is None:  # a step is done
-                assert time.monotonic() < deadline, f"seed {seed}: training did not start: {log.read_text()[-2000:]}"
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.4))
-            if process.poll() is None:
-                _kill_tree(process.pid)
-                process.wait()
-                kills += 1
-                markers = [line for line in log.read_text().splitlines() if line.startswith("couplings-test:")]
-                inside += bool(markers) and "inside a write" in markers[-1]
-                continue
-        assert process.wait(timeout=600) == 0, f"seed {seed}: {log.read_text()[-2000:]}"
-        if kills >= TORCHRUN_KILLS:
-            break
-        shutil.rmtree(run)  # the run ended before the sweep did: another one, from the start
-        starts, runs = 0, runs + 1
-    print(f"torchrun kill sweep: seed {seed}, {kills} kills ({inside} inside a write) over {runs} run(s), "
-          f"{starts} starts of the last one; runs lost: 0")
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+    line = sweep(start, lambda process: _kill_tree(process.pid), run, log, TORCHRUN_KILLS, timeout=300)
+    print(f"torchrun kill sweep: {line}")
+    seed = line.split(",")[0]
     a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(run / "last.pt")
     assert a["step"] == b["step"] == 120 and b["world_size"] == 2
     _assert_same_weights(a["model_state"], b["model_state"], rtol=0, atol=0)
     for x, y in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
         _assert_same_weights(x, y, rtol=0, atol=0)
-    assert [r["step"] for r in RunDir(run).read_metrics()] == list(range(6, 121, 6)), f"seed {seed}"
+    assert [r["step"] for r in RunDir(run).read_metrics()] == list(range(6, 121, 6)), seed
     assert not list(run.rglob(".*.tmp*"))
 
 

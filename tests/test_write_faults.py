@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import random
 import shutil
 import subprocess
 import tempfile
@@ -16,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from _kill_sweep import sweep
 from conftest import cli_child
+from test_bad_input import _without_permission_override
+from test_reliability import TINY, _assert_same_weights, _train
+
 from couplings import checkpoint
 from couplings.cli import main
 from couplings.files import WriteError, append_line, atomic_write
 from couplings.rundir import MetricsError, RunDir
-from test_bad_input import _without_permission_override
-from test_reliability import TINY, _assert_same_weights, _train
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -46,6 +46,7 @@ def _error_line(capsys) -> str:
 def finished(tmp_path_factory) -> Path:
     """A finished two-epoch tiny NICE run (tests copy it before changing it)."""
     from conftest import write_tiny_dataset
+
     from couplings import data
 
     root = tmp_path_factory.mktemp("finished")
@@ -318,12 +319,6 @@ def test_a_run_directory_that_vanishes_mid_run(tiny_dataset, tmp_path):
 KILLS = int(os.environ.get("COUPLINGS_KILL_SWEEP", "30"))
 
 
-def _checkpoints_written(log: Path) -> int:
-    """How many checkpoint writes a child's stderr marks (a new run's first one is of step 0)."""
-    text = log.read_text()
-    return text.count("inside a write of last.pt") + text.count("inside a write of best.pt")
-
-
 @pytest.mark.processes
 def test_a_sweep_of_kills_at_random_moments_then_resume_ends_bitwise_equal(tiny_dataset, tmp_path):
     """At least 30 SIGKILLs (``COUPLINGS_KILL_SWEEP=N`` for more) at random moments of one tiny
@@ -335,37 +330,18 @@ def test_a_sweep_of_kills_at_random_moments_then_resume_ends_bitwise_equal(tiny_
     straight = tmp_path / "straight"
     assert subprocess.run(cli_child("train", "nice", "--out", str(straight), *TINY, *args), env=env,
                           capture_output=True, check=False).returncode == 0
-    seed = int.from_bytes(os.urandom(4), "little")
-    rng = random.Random(seed)
-    run, log = tmp_path / "killed", tmp_path / "child.log"
-    kills, inside, starts, runs = 0, 0, 0, 1
-    while True:
-        argv = cli_child("train", "nice", "--out", str(run), *TINY, *args, *(["--resume"] if starts else []))
+    run = tmp_path / "killed"
+
+    def start(resume: bool, log: Path) -> subprocess.Popen:
+        argv = cli_child("train", "nice", "--out", str(run), *TINY, *args, *(["--resume"] if resume else []))
         with open(log, "w") as err:
-            process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        starts += 1
-        if kills < KILLS:
-            deadline = time.monotonic() + 120
-            while _checkpoints_written(log) < (2 if starts == 1 else 1) and process.poll() is None:  # a step is done
-                assert time.monotonic() < deadline, "training did not start"
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.4))
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-                kills += 1
-                markers = [line for line in log.read_text().splitlines() if line.startswith("couplings-test:")]
-                inside += bool(markers) and "inside a write" in markers[-1]
-                continue
-        assert process.wait(timeout=300) == 0, f"seed {seed}: {log.read_text()[-2000:]}"
-        if kills >= KILLS:
-            break
-        shutil.rmtree(run)  # the run ended before the sweep did: another one, from the start
-        starts, runs = 0, runs + 1
-    print(f"kill sweep: seed {seed}, {kills} kills ({inside} inside a write) over {runs} run(s), "
-          f"{starts} starts of the last one; runs lost: 0")
+            return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+    line = sweep(start, subprocess.Popen.kill, run, tmp_path / "child.log", KILLS, timeout=150)
+    print(f"kill sweep: {line}")
+    seed = line.split(",")[0]
     _assert_same_weights(straight / "last.pt", run / "last.pt")
-    assert [r["step"] for r in RunDir(run).read_metrics()] == list(range(6, 121, 6)), f"seed {seed}"
+    assert [r["step"] for r in RunDir(run).read_metrics()] == list(range(6, 121, 6)), seed
     assert not _temporaries(run)
     assert torch.equal(checkpoint.load(straight / "best.pt")["model_state"]["flow.transforms.0.shift.0.weight"],
                        checkpoint.load(run / "best.pt")["model_state"]["flow.transforms.0.shift.0.weight"])
