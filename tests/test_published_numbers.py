@@ -308,3 +308,26 @@ def test_every_relative_markdown_link_resolves_inside_the_repository():
             if not resolved.exists() or ROOT not in resolved.parents:
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+# --- the index of results/ ---------------------------------------------------------------------
+
+def _indexed_names() -> list[str]:
+    """The paths (relative to results/) named in backquotes in the first column of results/README.md,
+    with ``{a,b}`` expanded."""
+    names = []
+    for row in tables(ROOT / "results/README.md")[0][1:]:
+        for name in re.findall(r"`([^`]+)`", row[0]):
+            head, brace, rest = name.partition("{")
+            names += [head + part + rest.partition("}")[2] for part in rest.partition("}")[0].split(",")] if brace else [name]
+    return names
+
+
+def test_the_index_of_results_names_every_entry_and_only_files_that_exist():
+    names = _indexed_names()
+    missing = [name for name in names if not list((ROOT / "results").glob(name.rstrip("/")))]
+    assert not missing, f"results/README.md names files that are not there: {missing}"
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    entries = {path.split("/")[1] for path in tracked.split()} - {"README.md"}
+    unlisted = sorted(entries - {name.split("/")[0] for name in names})
+    assert not unlisted, f"entries of results/ that results/README.md does not list: {unlisted}"
