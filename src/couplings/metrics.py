@@ -22,6 +22,7 @@ from torch import Tensor
 from couplings.classifier import FEATURE_EXTRACTOR, Classifier
 
 __all__ = [
+    "as_float_images",
     "conditional_accuracy",
     "features",
     "fid",
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-def _as_float_images(images: np.ndarray | Tensor) -> Tensor:
+def as_float_images(images: np.ndarray | Tensor) -> Tensor:
     """uint8 (N, H, W) / (N, 1, H, W) pixels -> floats in [0, 1]; floats pass through, clamped."""
     images = torch.as_tensor(images)
     if images.dtype == torch.uint8:
@@ -45,7 +46,7 @@ def _as_float_images(images: np.ndarray | Tensor) -> Tensor:
 @torch.inference_mode()
 def features(classifier: Classifier, images: np.ndarray | Tensor, batch_size: int = 1000) -> Tensor:
     """Penultimate-layer features (N, 128) in float64."""
-    images = _as_float_images(images)
+    images = as_float_images(images)
     device = next(classifier.parameters()).device
     return torch.cat(
         [classifier.features(images[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(images), batch_size)]
@@ -102,7 +103,7 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
 @torch.inference_mode()
 def conditional_accuracy(classifier: Classifier, images: np.ndarray | Tensor, labels: Tensor) -> float:
     """How often the classifier agrees with the label each sample was drawn for."""
-    images = _as_float_images(images)
+    images = as_float_images(images)
     device = next(classifier.parameters()).device
     predicted = torch.cat([classifier(images[i : i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(images), 1000)])
     return float((predicted == torch.as_tensor(labels).long().cpu()).double().mean())
@@ -114,8 +115,8 @@ def nearest_neighbour_distance(samples: np.ndarray | Tensor, train: np.ndarray |
 
     Near 0 would mean the model reproduces training images (memorisation).
     """
-    s = _as_float_images(samples).flatten(1).double()  # float64: exact zeros for exact copies
-    t = _as_float_images(train).flatten(1).double()
+    s = as_float_images(samples).flatten(1).double()  # float64: exact zeros for exact copies
+    t = as_float_images(train).flatten(1).double()
     nearest = [torch.cdist(s[i : i + batch], t).min(1).values for i in range(0, len(s), batch)]
     return float(torch.cat(nearest).double().mean())
 

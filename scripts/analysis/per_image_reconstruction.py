@@ -3,7 +3,7 @@
 The same computation as couplings.evaluation.reconstruction_error (dequantization seed 0,
 batches of 1000), but keeping each image's maximum, so the worst images can be counted.
 
-    OMP_NUM_THREADS=1 python results/reconstruction/per_image.py CHECKPOINT_OR_PRETRAINED_NAME...
+    OMP_NUM_THREADS=1 python scripts/analysis/per_image_reconstruction.py CHECKPOINT_OR_PRETRAINED_NAME...
 """
 import sys
 

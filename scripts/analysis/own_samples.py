@@ -2,16 +2,18 @@
 p(c | x) on 500 test images, and on 500 of its samples at T = 1.0 (50 per digit) whether it names
 the asked-for digit where the project's classifier reads another. Output: own-samples.txt.
 
-    OMP_NUM_THREADS=2 python results/glow-cond-disc/own_samples.py
+    OMP_NUM_THREADS=2 python scripts/analysis/own_samples.py
 """
 import time
 
 import torch
+
 from couplings import checkpoint, data
 from couplings.classifier import load_classifier
-from couplings.metrics import _as_float_images
+from couplings.metrics import as_float_images
+
 torch.manual_seed(0)
-model, _ = checkpoint.load_model("results/long-glow-cond-fast"); model.eval()
+model, _ = checkpoint.load_model(checkpoint.pretrained_path("glow-cond-mnist")); model.eval()  # the long run's weights
 clf = load_classifier("mnist")
 x, y = data.load("mnist", "test")
 x = torch.as_tensor(x[:500]).float().unsqueeze(1); y = torch.as_tensor(y[:500]).long()
@@ -32,7 +34,7 @@ ys = torch.arange(10).repeat_interleave(50)
 g = torch.Generator().manual_seed(0)
 with torch.inference_mode():
     s = torch.cat([model.sample(50, ys[i:i+50], generator=g) for i in range(0, 500, 50)])
-    ext = clf(_as_float_images(s)).argmax(1)
+    ext = clf(as_float_images(s)).argmax(1)
 pix = (s.clamp(0, 1) * 255).round()  # approx 8-bit
 lps = torch.cat([class_logp(pix[i:i+50]) for i in range(0, 500, 50)])
 bay = lps.argmax(1)

@@ -1,15 +1,15 @@
 """Conditional accuracy of the long class-conditional Glow, per class and per temperature: 1,000
 samples per digit, classified by the project's MNIST classifier.
 
-    OMP_NUM_THREADS=1 python results/long-glow-cond-fast/per_class.py > results/long-glow-cond-fast/per-class.txt
+    OMP_NUM_THREADS=1 python scripts/analysis/per_class.py > results/long-glow-cond-fast/per-class.txt
 """
 import torch
 
 from couplings import checkpoint
 from couplings.classifier import load_classifier
-from couplings.metrics import _as_float_images
+from couplings.metrics import as_float_images
 
-model, _ = checkpoint.load_model("results/long-glow-cond-fast")
+model, _ = checkpoint.load_model(checkpoint.pretrained_path("glow-cond-mnist"))  # the long run's weights
 classifier = load_classifier("mnist")
 labels = torch.arange(10).repeat_interleave(1000)  # 1,000 of each digit
 print("temperature  accuracy  per digit 0-9; most frequent wrong answer per digit")
@@ -18,7 +18,7 @@ for temperature in (1.0, 0.85, 0.7):
     with torch.inference_mode():
         samples = torch.cat([model.sample(1000, labels[i:i + 1000], temperature=temperature, generator=generator)
                              for i in range(0, len(labels), 1000)])
-        predicted = torch.cat([classifier(_as_float_images(samples[i:i + 1000])).argmax(1) for i in range(0, len(samples), 1000)])
+        predicted = torch.cat([classifier(as_float_images(samples[i:i + 1000])).argmax(1) for i in range(0, len(samples), 1000)])
     right = predicted == labels
     per_digit = [float(right[labels == d].float().mean()) for d in range(10)]
     confused = [int(torch.mode(predicted[(labels == d) & ~right]).values) if (~right[labels == d]).any() else -1

@@ -1,9 +1,10 @@
 """Validation and test bits/dim of a NICE run's best.pt with its raw weights and with its Polyak averages.
 
-    OMP_NUM_THREADS=1 python results/nice-mnist-ema/ema_check.py runs/nice-paper-finetune/best.pt \
+    OMP_NUM_THREADS=1 python scripts/analysis/ema_check.py runs/nice-paper-finetune/best.pt \
         > results/nice-mnist-ema/ema-check.txt
 """
 import sys
+
 from couplings import checkpoint, data
 from couplings.likelihood import bits_per_dim
 from couplings.models import build_model

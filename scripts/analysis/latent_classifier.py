@@ -2,7 +2,7 @@
 cross-entropy of its classifier (Polyak weights) on the first 2,000 MNIST test images, each
 dequantized with one uniform draw of the dequantizer's base noise.
 
-    OMP_NUM_THREADS=1 python results/glow-cond-classloss/latent_classifier.py runs/glow-cond-ft-classloss
+    OMP_NUM_THREADS=1 python scripts/analysis/latent_classifier.py runs/glow-cond-ft-classloss
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The model's own classifier p(c | x) (Bayes' rule over log p(x | c), one draw of dequantization)
 on the first 1,000 test images, for class-conditional runs given on the command line.
 
-    OMP_NUM_THREADS=1 python results/glow-cond-disc/bayes_accuracy.py RUN... >> results/glow-cond-disc/bayes-accuracy.txt
+    OMP_NUM_THREADS=1 python scripts/analysis/bayes_accuracy.py RUN... >> results/glow-cond-disc/bayes-accuracy.txt
 """
 import sys
 import time
