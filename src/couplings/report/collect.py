@@ -109,7 +109,9 @@ def _evaluated(run: Path, *, samples: int, draws: int, test_images: int | None, 
     if not _eval_is_current(result, run, samples, test_images):
         _log(f"evaluating {run} on the test set ({samples} samples)")
         result = evaluate_checkpoint(run, samples=samples, num_images=test_images, device=device, progress=progress)
-    if result.get("bits_per_dim") is not None and len(result.get("bits_per_dim_draws", [])) < draws:
+    if result.get("bits_per_dim") is not None and draws == 1:
+        result["bits_per_dim_draws"] = [result["bits_per_dim"]]
+    elif result.get("bits_per_dim") is not None and len(result.get("bits_per_dim_draws", [])) < draws:
         _log(f"{run}: test bits/dim under {draws} dequantization draws")
         model, _ = checkpoint.load_model(run, device)
         images, labels = _test_images(result)
