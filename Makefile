@@ -21,7 +21,8 @@ install: $(VENV)/.installed
 # (2,000 validation images, so that validating a cut-short epoch is quick), beside LatentRealNVP
 # (3 autoencoder and 8 flow epochs); then the comparison report in $(DEMO)/report/report.html, each
 # short run beside the shipped long-trained model of its kind, all scored on the first 2,000 test
-# images with 1,000 samples, two evaluations at a time; its time is measured in docs/demo.md.
+# images with 1,000 samples, two evaluations at a time; its time is measured in docs/results.md
+# ("What make demo shows").
 DEMO_TRAIN = OMP_NUM_THREADS=1 $(BIN)/couplings train
 DEMO_BUDGET = --set val_size=2000 --max-minutes $(DEMO_MINUTES) --device cpu --quiet
 DEMO_RUNS = $(DEMO)/nice-small $(DEMO)/latent-realnvp $(DEMO)/realnvp-fast $(DEMO)/glow-cond-fast
@@ -60,11 +61,15 @@ paper: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Side by side with normflows on matched architectures (one JSON object), then our own throughput.
+# Side by side with normflows on matched architectures (one JSON object), then our own throughput,
+# then the roofline of the fast presets' training step on one thread and two.
 bench: install
 	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30
 	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30 --mode train --couplings-adam fused
 	$(BIN)/python benchmarks/speed.py
+	for model in realnvp glow; do for threads in 1 2; do \
+	  OMP_NUM_THREADS=$$threads $(BIN)/python benchmarks/roofline.py $$model --set size=fast --threads $$threads --markdown; \
+	done; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
