@@ -21,6 +21,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "build_model",
+    "evaluation_weights",
     "export_pretrained",
     "export_safetensors",
     "load",
@@ -163,12 +164,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     payload = load(path)
     try:
         model = build_model(payload["model"], payload["model_config"])
-        # A run trained with Polyak averaging is evaluated and sampled with the averaged weights.
-        model.load_state_dict(payload.get("ema_state") or payload["model_state"])
+        model.load_state_dict(evaluation_weights(payload))
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{resolve(path)}: weights do not fit model {payload['model']!r}: "
                               f"{first_mismatch(e)}") from None
     return model.to(device).eval(), payload
+
+
+def evaluation_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint is evaluated, sampled and exported with: its Polyak averages if
+    the run kept them (``ema_state``), else its trained weights (``model_state``)."""
+    return payload.get("ema_state") or payload["model_state"]
 
 
 def first_mismatch(error: Exception) -> str:
@@ -200,6 +206,10 @@ def pretrained_path(name: str) -> Path:
     raise CheckpointError(f"no pretrained model {name!r} in {looked}; available: {', '.join(known) or 'none'}{hint}")
 
 
+# What an export keeps of a run's checkpoint besides its weights.
+_EXPORTED = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
+
+
 def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: bool = False,
                       provenance: dict[str, Any] | None = None) -> Path:
     """Writes a run's best weights (its Polyak averages, if it kept them), without optimizer
@@ -209,15 +219,12 @@ def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: 
     parameters); buffers such as ActNorm flags and permutations keep their dtypes.
     """
     payload = load(run)
-    state = payload.get("ema_state") or payload["model_state"]
+    state = evaluation_weights(payload)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    keep = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
-    return save({**{k: payload[k] for k in keep if k in payload}, "model_state": state,
+    return save({**{k: payload[k] for k in _EXPORTED if k in payload}, "model_state": state,
                  "stored_half_precision": half, "provenance": provenance or {}}, path)
 
-
-_EXPORTED = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
 
 
 def export_safetensors(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
@@ -227,7 +234,7 @@ def export_safetensors(run: str | os.PathLike, directory: str | os.PathLike) -> 
     from safetensors.torch import save as save_tensors
 
     payload = load(run)
-    state = payload.get("ema_state") or payload["model_state"]
+    state = evaluation_weights(payload)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": "couplings-safetensors", "format_version": FORMAT_VERSION,

@@ -225,7 +225,7 @@ def _load_initial_weights(model_name: str, model_config: dict, model: Flow, sour
     if differ:  # an option it lacks was added to couplings after it was trained, at its default
         raise ConfigError(f"init_from={source}: a model with other options; {', '.join(differ)}")
     try:  # shapes must match; of the names, only the layers that start at zero may be on one side alone
-        loaded = model.load_state_dict(payload.get("ema_state") or payload["model_state"], strict=False)
+        loaded = model.load_state_dict(checkpoint.evaluation_weights(payload), strict=False)
     except RuntimeError as e:
         raise ConfigError(f"init_from={source}: its weights do not fit this {model_name}: "
                           f"{checkpoint.first_mismatch(e)}") from None
