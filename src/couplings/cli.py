@@ -16,7 +16,15 @@ import torch
 
 from couplings import __version__, checkpoint, data, distributed
 from couplings.checkpoint import CheckpointError
-from couplings.config import ConfigError, TrainConfig, apply_overrides, option_lines, split_overrides
+from couplings.config import (
+    PRECISIONS,
+    SEEDS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    option_lines,
+    split_overrides,
+)
 from couplings.data import DatasetError
 from couplings.evaluation import evaluate_checkpoint
 from couplings.hardware import resolve_device
@@ -65,7 +73,7 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         value = None
-    if value is None or not 0 <= value < 2**32:
+    if value is None or not 0 <= value < SEEDS:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), found {text}")
     return value
 
@@ -126,7 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also write last.pt every N steps inside an epoch (--resume continues from there exactly)")
     t.add_argument("--batch-size", type=_positive_int)
     t.add_argument("--compile", action="store_true", default=None, help="torch.compile the training loss")
-    t.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="bf16: autocast convolutions and matmuls "
+    t.add_argument("--precision", choices=PRECISIONS, help="bf16: autocast convolutions and matmuls "
                    "(log-dets and the loss stay float32); auto: bf16 where a short timed probe finds it faster")
     t.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     t.add_argument("--seed", type=_seed)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = [
+    "PRECISIONS",
+    "SEEDS",
     "ConfigError",
     "GlowTrainConfig",
     "LatentTrainConfig",
@@ -28,6 +30,11 @@ __all__ = [
 
 class ConfigError(ValueError):
     """An override names an unknown key or gives a value of the wrong type or range."""
+
+
+# The values some options take, shared with the command line's checks.
+PRECISIONS = ("fp32", "bf16", "auto")  # TrainConfig.precision (RealNVP and Glow)
+SEEDS = 2**32  # a seed is in [0, SEEDS)
 
 
 @dataclass
@@ -64,7 +71,7 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
 
     def __post_init__(self):
-        if not 0 <= self.seed < 2**32:
+        if not 0 <= self.seed < SEEDS:
             raise ConfigError(f"seed must be an integer in [0, 2**32), found {self.seed}")
         for name in ("epochs", "batch_size", "val_size"):
             if getattr(self, name) < 1:
@@ -129,7 +136,7 @@ class PixelTrainConfig(TrainConfig):
         for name in ("eval_batch_size", "samples_per_epoch", "discriminative_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
-        if self.precision not in ("fp32", "bf16", "auto") or self.adam not in ("auto", "default", "foreach", "fused"):
+        if self.precision not in PRECISIONS or self.adam not in ("auto", "default", "foreach", "fused"):
             raise ConfigError(f"need precision fp32, bf16 or auto and adam auto, default, foreach or fused; "
                               f"found {self.precision!r} and {self.adam!r}")
         if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
