@@ -32,11 +32,14 @@ demo: install
 	$(BIN)/couplings data fetch mnist
 	$(BIN)/couplings data fetch fashion-mnist
 	rm -rf $(DEMO)
+	@echo "demo $$(date +%T): Real NVP and class-conditional Glow, $(DEMO_MINUTES) minutes each"
 	$(MAKE) --no-print-directory -j2 demo-realnvp demo-glow
+	@echo "demo $$(date +%T): NICE for $(DEMO_MINUTES) minutes, LatentRealNVP for 3 + 8 epochs"
 	$(MAKE) --no-print-directory -j2 demo-nice demo-latent
+	@echo "demo $$(date +%T): the report, each run beside the shipped model of its kind"
 	$(BIN)/couplings compare $(DEMO_RUNS) $(DEMO_SHIPPED) --out $(DEMO)/report \
 	  --test-images 2000 --samples 1000 --ood-images 1000 --draws 1 --jobs 2 --device cpu
-	@echo "demo done: open $(DEMO)/report/report.html (or read $(DEMO)/report/report.md)"
+	@echo "demo $$(date +%T): done; open $(DEMO)/report/report.html (or read $(DEMO)/report/report.md)"
 
 demo-nice:
 	$(DEMO_TRAIN) nice --set size=small $(DEMO_BUDGET) --out $(DEMO)/nice-small
