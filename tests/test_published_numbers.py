@@ -331,3 +331,11 @@ def test_the_index_of_results_names_every_entry_and_only_files_that_exist():
     entries = {path.split("/")[1] for path in tracked.split()} - {"README.md"}
     unlisted = sorted(entries - {name.split("/")[0] for name in names})
     assert not unlisted, f"entries of results/ that results/README.md does not list: {unlisted}"
+
+
+def test_the_readme_is_short_and_its_first_screen_gives_the_two_commands():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 100, f"README.md has {len(lines)} lines; the details belong in docs/"
+    first_screen = "\n".join(lines[:40])
+    for command in ("make demo", "make test"):
+        assert re.search(rf"^{command}\s+#.*\d", first_screen, re.MULTILINE), f"no '{command}  # ...' line with its time"
