@@ -139,9 +139,11 @@ def _evaluate_in_worker(run: str, samples: int, draws: int, test_images: int | N
 def evaluate_in_parallel(runs: list[Path], jobs: int, *, samples: int, draws: int, test_images: int | None) -> None:
     """Evaluates on the CPU the runs whose ``eval.json`` is not current, ``jobs`` at a time, each in
     a fresh process with its share of this process's threads; `summarize_run` then reads them."""
+    if jobs < 2:
+        return
     runs = list(dict.fromkeys(Path(run) for run in runs))
     stale = [run for run in runs if not _eval_is_current(RunDir(run).read_eval().get("test"), run, samples, test_images)]
-    if jobs < 2 or len(stale) < 2:
+    if len(stale) < 2:
         return
     threads = max(1, torch.get_num_threads() // jobs)
     _log(f"evaluating {len(stale)} runs, {jobs} at a time on {threads} thread(s) each")
