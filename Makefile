@@ -69,9 +69,10 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30
 	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30 --mode train --couplings-adam fused
+	$(BIN)/python benchmarks/peer.py --threads 2 --steps 30 --mode train --size fast --couplings-adam fused --arch realnvp glow
 	$(BIN)/python benchmarks/speed.py
-	for model in realnvp glow; do for threads in 1 2; do \
-	  OMP_NUM_THREADS=$$threads $(BIN)/python benchmarks/roofline.py $$model --set size=fast --threads $$threads --markdown; \
+	for model in realnvp glow; do for run in "1 fp32" "2 fp32" "1 bf16"; do set -- $$run; \
+	  OMP_NUM_THREADS=$$1 $(BIN)/python benchmarks/roofline.py $$model --set size=fast --set precision=$$2 --threads $$1 --markdown; \
 	done; done
 
 clean:

@@ -48,6 +48,12 @@ How the architectures are matched (same depth, width, input shape, batch and opt
   Difference: couplings standardises factored-out halves with a learned conditional prior (a
   3x3 conv of the kept half) while normflows uses its per-channel ``GlowBase``.
 
+``--size fast`` takes the depth and widths of the fast presets (Real NVP: 32 channels, 1 residual
+block; Glow: 2 levels of 6 steps, 32 channels, 1 block) and builds them as above: normflows has
+no gated networks, bounded scales or variational dequantization, so those options of the presets
+are left out on both sides (`MATCHED_OPTIONS`); the timed step is that of the same couplings and
+widths with the paper's ResNets.
+
 The parameter counts differ by exactly what is left: Real NVP's tanh factors (one per masked-out
 channel, couplings only), and couplings' prior convolutions against ``GlowBase``'s per-channel
 parameters. ``normflows_weight_norm=False`` (``--no-normflows-weight-norm``) leaves the normflows
@@ -107,13 +113,21 @@ class Contender:
         return sum(p.numel() for p in self.model.parameters())
 
 
+# The preset options both libraries can build. The rest (the fast presets' gated networks, bounded
+# scales, variational dequantization and logit input for Glow, and training options) have no
+# normflows counterpart: the benchmark keeps the paper's choice for those on both sides.
+MATCHED_OPTIONS = {"realnvp": ("hidden", "blocks", "alpha"), "glow": ("levels", "steps", "hidden", "blocks", "min_scale")}
+
+
 def _preset(presets: dict, size: str, arch: str) -> dict:
-    """``size`` from a model's presets; "full" (or "paper"/"mnist") means its first, full-size one."""
-    if size in presets:
-        return dict(presets[size])
+    """``size`` from a model's presets, narrowed to `MATCHED_OPTIONS`; "full" (or "paper"/"mnist")
+    means its first, full-size one."""
     if size in ("full", "paper", "mnist"):
-        return dict(next(iter(presets.values())))
-    raise ValueError(f"{arch} has no size {size!r}; expected one of {sorted(presets)} or 'full'")
+        size = next(iter(presets))
+    if size not in presets:
+        raise ValueError(f"{arch} has no size {size!r}; expected one of {sorted(presets)} or 'full'")
+    matched = MATCHED_OPTIONS.get(arch)
+    return {key: value for key, value in presets[size].items() if matched is None or key in matched}
 
 
 def _couplings_contender(model) -> Contender:
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (or draws) per library")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sample-batch", type=int, default=256)
-    parser.add_argument("--size", default="small", help="couplings preset: small, or full (the paper/mnist size)")
+    parser.add_argument("--size", default="small", help="couplings preset: small, fast, or full (the paper/mnist size)")
     parser.add_argument("--hidden", type=int, help="override the preset's width (NICE units, Real NVP/Glow channels)")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")

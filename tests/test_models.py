@@ -189,7 +189,7 @@ def test_presets_build(name):
         assert set(train_part) <= {f.name for f in dataclasses.fields(entry.train_config)}
     if name == "realnvp":
         model_part, train_part = entry.preset("fast")
-        assert entry.cls(**model_part).dequantizer is not None and train_part == {"grad_clip": 500.0}
+        assert entry.cls(**model_part).dequantizer is not None and train_part == {"grad_clip": 500.0, "precision": "auto"}
     model = entry.cls(entry.config(**entry.presets["small"]))
     assert model.event_shape == (1, 28, 28)
     assert model.config == entry.cls(**entry.presets["small"]).config  # a config or its fields as keywords

@@ -86,18 +86,23 @@ def _conv_and_norm_layers(model: torch.nn.Module, skip: tuple[type, ...] = ()) -
     return sorted(convs), norms
 
 
+@pytest.mark.parametrize("size", ["small", "fast"])
 @pytest.mark.parametrize("arch", ["realnvp", "glow"])
-def test_image_pairs_have_the_same_convolutions_and_normalisations(arch):
+def test_image_pairs_have_the_same_convolutions_and_normalisations(arch, size):
     """Equal work: the s/t nets have the same convolutions (in, out, kernel, weight norm) and
     batch norms on both sides; only couplings' Glow has more, the learned prior's convolution
-    per split. The parameter counts differ by Real NVP's tanh factors and Glow's priors only."""
-    pair = peer.build(arch)
+    per split. The parameter counts differ by Real NVP's tanh factors and Glow's priors only.
+    The fast size keeps its preset's widths and depth (32 channels, 1 residual block)."""
+    pair = peer.build(arch, size)
+    if size == "fast":
+        widths = {shape[0] for shape, _ in _conv_and_norm_layers(pair["couplings"].model, skip=(LearnedSplitPrior,))[0]}
+        assert max(widths) == 32
     ours = _conv_and_norm_layers(pair["couplings"].model, skip=(LearnedSplitPrior,))
     theirs = _conv_and_norm_layers(pair["normflows"].model)
     assert ours == theirs
     assert ours[1] > 0 and all(shape[-2:] == (3, 3) for shape, _ in ours[0]) and any(wn for _, wn in ours[0])
     assert pair["couplings"].parameters - pair["normflows"].parameters == {"realnvp": 16, "glow": 36}[arch]
-    plain = peer.build(arch, normflows_weight_norm=False)["normflows"].model
+    plain = peer.build(arch, size, normflows_weight_norm=False)["normflows"].model
     assert not any(wn for _, wn in _conv_and_norm_layers(plain)[0])
 
 

@@ -163,7 +163,7 @@ def curve_tables() -> list[tuple[Path, list[list[str]]]]:
 
 
 def test_the_curve_tables_are_found():
-    assert [path.name for path, _ in curve_tables()] == ["README.md", "results.md", "results.md"]
+    assert [path.name for path, _ in curve_tables()] == ["README.md", "results.md", "results.md", "results.md"]
 
 
 @pytest.mark.parametrize("path, table", curve_tables(), ids=lambda x: x.name if isinstance(x, Path) else "")
@@ -181,6 +181,30 @@ def test_a_learning_curve_table_holds_the_validation_figures_of_its_curves(path,
             assert agrees(printed.strip("*"), nearest["val_bpd"]), f"{row[0]} at {minute} min: {printed}, file {nearest['val_bpd']}"
         if "parameters" in row[0]:
             assert f"{records[0]['parameters']:,} parameters" in row[0]
+
+
+def roofline_table() -> tuple[Path, list[list[str]]]:
+    (table,) = [t for t in tables(RESULTS) if t[0][0].startswith("model ([file]") and t[0][1] == "threads"]
+    return table
+
+
+def test_the_roofline_table_holds_the_figures_of_its_file():
+    """Each row of the roofline table is the record of its model, precision and threads."""
+    table = roofline_table()
+    (path,) = linked_files(table[0][0], RESULTS.parent)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in table[1:]:
+        model, precision = re.fullmatch(r"(Real NVP|Glow) `size=fast`, (float32|bf16)", row[0]).groups()
+        (record,) = [r for r in records if r["model"] == {"Real NVP": "realnvp", "Glow": "glow"}[model]
+                     and r["threads"] == int(row[1]) and f"precision={'fp32' if precision == 'float32' else 'bf16'}" in r["overrides"]]
+        fields = [record["train_images_per_s"], record["mflop_per_image"], record["achieved_gflops"],
+                  record["conv_mix_fp32_peak_gflops"], 100 * record["share_of_conv_mix_peak"]]
+        for printed, value in zip(row[2:7], fields):
+            assert agrees(printed.rstrip("%"), value), f"{row[0]}, {row[1]} threads: {printed} against {value}"
+        fp32, bf16 = row[7].split(" / ")
+        assert agrees(fp32, record["matmul_1024_fp32_gflops"]) and agrees(bf16, record["matmul_1024_bf16_gflops"])
+        shares = re.findall(r"(\d+)%", row[8])
+        assert [int(x) for x in shares] == [round(100 * op["self_share"]) for op in record["top_ops"][:4]], row[8]
 
 
 # Rows of a run's table over its training, one column per point of its metrics.jsonl, and the field each reads.

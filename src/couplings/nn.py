@@ -152,12 +152,19 @@ class ResNet(nn.Module):
         return conv(_norm_relu(norm, relu, h, owned=True))
 
     def forward(self, x):
-        if x.device.type != "cpu":
-            return self._layers(x)
-        # On CPU, oneDNN's 3x3 convolutions (forward and backward) are 1.3-2x faster on channels-last
-        # tensors than on NCHW ones at these small channel counts; batch norm and ReLU take either.
-        # The input is converted once, the output handed back in the usual (contiguous) layout.
-        return self._layers(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return channels_last_on_cpu(self._layers, x)
+
+
+def channels_last_on_cpu(layers, x: Tensor) -> Tensor:
+    """``layers(x)``, computed in the channels-last memory format on CPU (the same values).
+
+    On CPU, oneDNN's 3x3 convolutions (forward and backward) are 1.3-2x faster on channels-last
+    tensors than on NCHW ones at these small channel counts; batch norm, ReLU, ELU and a layer norm
+    over channels take either (the last without a copy). The input is converted once, the output
+    handed back in the usual (contiguous) layout."""
+    if x.device.type != "cpu":
+        return layers(x)
+    return layers(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 def concat_elu(x: Tensor) -> Tensor:
@@ -211,8 +218,12 @@ class GatedConvNet(nn.Module):
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _layers(self, x: Tensor) -> Tensor:
         return self.tail(concat_elu(self.blocks(self.head(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # channels-last on CPU: a Real NVP or Glow `size=fast` training step 15% faster (docs/results.md)
+        return channels_last_on_cpu(self._layers, x)
 
 
 NETS = {"resnet": ResNet, "gated": GatedConvNet}

@@ -75,12 +75,14 @@ class GlowConfig:
 
 
 # "fast": measured with benchmarks/learning_curve.py (results/curves/xeon/glow-fast-25min.jsonl):
-# 1.200 validation bits/dim after 25 minutes on one CPU thread; warm-up and clipping are training options.
+# 1.200 validation bits/dim after 25 minutes on one CPU thread; warm-up, clipping and precision
+# (auto: bf16 where a short probe finds it faster) are training options.
 GLOW_PRESETS = {
     "mnist": {},
     "small": {"steps": 6, "hidden": 64, "blocks": 0},
     "fast": {"steps": 6, "hidden": 32, "blocks": 1, "alpha": 1e-5, "net": "gated", "scale": "bounded",
-             "dequantization": "variational", "warmup_steps": 0, "grad_clip": 500.0},
+             "dequantization": "variational", "warmup_steps": 0, "grad_clip": 500.0,
+             "precision": "auto"},
 }
 
 

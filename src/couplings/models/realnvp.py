@@ -52,12 +52,13 @@ class RealNVPConfig:
 
 
 # "fast": the best validation bits/dim after minutes of training on one CPU thread that we
-# measured (benchmarks/learning_curve.py, results/curves/); grad_clip is a training option.
+# measured (benchmarks/learning_curve.py, results/curves/); grad_clip and precision are training
+# options (precision=auto: bf16 where a short probe finds it faster, results/curves/bf16/).
 REALNVP_PRESETS = {
     "mnist": {},
     "small": {"hidden": 16, "blocks": 1},
     "fast": {"hidden": 32, "blocks": 1, "alpha": 1e-5, "net": "gated", "scale": "bounded", "batch_norm": False,
-             "per_scale": 2, "dequantization": "variational", "grad_clip": 500.0},
+             "per_scale": 2, "dequantization": "variational", "grad_clip": 500.0, "precision": "auto"},
 }
 
 
