@@ -106,7 +106,7 @@ def test_resume_refuses_to_change_the_model(run_dir, capsys):
         (["train", "nice", "--set", "hidden_unit=3"], 2, "unknown key 'hidden_unit'"),
         (["train", "nice", "--set", "hidden_units=x"], 2, "expected an integer"),
         (["train", "nice", "--set", "size=huge", "--dataset", "tiny"], 2, "size must be one of"),
-        (["train", "nice", "--epochs", "0"], 2, "expected an integer >= 1"),
+        (["train", "nice", "--epochs", "0"], 2, "epochs must be >= 1"),
         (["sample", "RUN", "-o", "x.png", "--temperature", "0"], 2, "expected a number > 0"),
         (["sample", "RUN", "-o", "x.png", "-n", "0"], 2, "expected an integer >= 1"),
         (["eval", "does/not/exist"], 1, "no such checkpoint or run directory"),
@@ -188,3 +188,21 @@ def test_sigterm_stops_after_the_current_step_and_checkpoints(tiny_dataset, tmp_
     last_line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last_line["step"] == state["step"] > 0  # the stopped epoch was logged and checkpointed
     assert _train(out, "--resume", "--max-steps", str(state["step"] + 2)) == 0
+
+
+def test_every_train_flag_is_a_config_field_parsed_and_checked_there():
+    """The train flags stand for --set FIELD=VALUE: the same field, the same parser, the same check."""
+    import dataclasses
+
+    from couplings import cli
+    from couplings.config import PixelTrainConfig
+
+    fields = {f.name for f in dataclasses.fields(PixelTrainConfig)}
+    assert set(cli.TRAIN_FLAGS) <= fields
+    parser = cli._build_parser()
+    args = parser.parse_args(["train", "realnvp", "--epochs", "3", "--max-minutes", "1.5", "--precision", "bf16",
+                              "--compile", "--seed", "7"])
+    assert (args.epochs, args.max_minutes, args.precision, args.compile, args.seed) == (3, 1.5, "bf16", True, 7)
+    assert args.batch_size is None and args.channels_last is None  # not given: the model's recipe decides
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["train"]._actions}
+    assert all(f"--set {name}=" in helps[name] for name in cli.TRAIN_FLAGS)

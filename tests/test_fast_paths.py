@@ -115,9 +115,9 @@ def test_training_loss_is_float32_under_bf16_autocast():
 def test_unknown_fast_path_values_are_config_errors():
     from couplings.config import ConfigError
 
-    with pytest.raises(ConfigError, match="precision fp32, bf16 or auto"):
+    with pytest.raises(ConfigError, match="precision must be fp32, bf16 or auto"):
         TrainConfig(precision="fp16")
-    with pytest.raises(ConfigError, match="adam auto, default, foreach or fused"):
+    with pytest.raises(ConfigError, match="adam must be auto, default, foreach or fused"):
         TrainConfig(adam="sgd")
 
 

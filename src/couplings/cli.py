@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
 import sys
 import traceback
+import typing
 import warnings
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,11 +21,12 @@ from couplings import __version__, checkpoint, data, distributed
 from couplings.checkpoint import CheckpointError
 from couplings.config import (
     PRECISIONS,
-    SEEDS,
     ConfigError,
+    PixelTrainConfig,
     TrainConfig,
     apply_overrides,
     option_lines,
+    parse_value,
     split_overrides,
 )
 from couplings.data import DatasetError
@@ -68,16 +72,6 @@ def _non_negative_int(text: str) -> int:
     return _int_at_least(0, text)
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value < SEEDS:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), found {text}")
-    return value
-
-
 def _dataset(text: str) -> str:
     if text in data.DATASETS or data.is_path_dataset(text):
         return text
@@ -117,27 +111,67 @@ def _add_model_source(command: argparse.ArgumentParser) -> None:
     command.add_argument("--pretrained", metavar="NAME", help="a pretrained model shipped with couplings instead of a run")
 
 
+# `train` flags that stand for `--set FIELD=VALUE`: each is parsed by couplings.config as --set
+# parses it and checked by the config dataclass that owns the field, where its type, default and
+# bounds are written once; only the help line is the command line's own.
+TRAIN_FLAGS = {
+    "epochs": "passes over the training set",
+    "max_steps": "stop after this many optimizer steps",
+    "max_minutes": "stop after this much wall-clock in this invocation",
+    "checkpoint_every": "also write last.pt every N steps inside an epoch (--resume continues from there exactly)",
+    "batch_size": "images per optimizer step",
+    "seed": "seed of the initialisation, the data order and the dequantization noise",
+    "compile": "torch.compile the training loss",
+    "precision": "bf16: autocast convolutions and matmuls (log-dets and the loss stay float32); "
+                 "auto: bf16 where a short timed probe finds it faster",
+    "channels_last": "channels-last memory format",
+}
+
+
+def _config_field(name: str) -> tuple[type, Any]:
+    """The config dataclass that owns training option ``name``, and the field's type."""
+    owner = TrainConfig if name in {f.name for f in dataclasses.fields(TrainConfig)} else PixelTrainConfig
+    return owner, typing.get_type_hints(owner)[name]
+
+
+def _config_value(name: str):
+    """An argparse type: parses like ``--set name=TEXT`` and runs the owning config's checks."""
+    owner, _ = _config_field(name)
+
+    def parse(text: str):
+        try:
+            value = parse_value(owner, name, text)
+            owner(**{name: value})
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+def _add_config_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    owner, kind = _config_field(name)
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        parser.add_argument(flag, action="store_true", default=None, help=f"{help_text} (--set {name}=true)")
+        return
+    metavar = "{" + ",".join(PRECISIONS) + "}" if name == "precision" else "N" if int in (kind, *typing.get_args(kind)) else "X"
+    parser.add_argument(flag, type=_config_value(name), metavar=metavar, help=f"{help_text} (--set {name}={metavar})")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="couplings", description="Train, evaluate and sample coupling-layer normalizing flows.")
     parser.add_argument("--version", action="version", version=f"couplings {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = commands.add_parser("train", help="train a model into a run directory")
+    t = commands.add_parser("train", help="train a model into a run directory",
+                            description="Train a model into a run directory. Options not given keep the model's "
+                                        "recipe; 'couplings config MODEL' prints every option and its value.")
     t.add_argument("model", choices=sorted(MODELS))
     t.add_argument("--dataset", type=_dataset, metavar="NAME_OR_PATH",
                    help=f"{', '.join(sorted(data.DATASETS))}, or {data.OWN_DATASET} (docs/own-data.md)")
-    t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
-    t.add_argument("--max-minutes", type=_positive_float, help="stop after this much wall-clock in this invocation")
-    t.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                   help="also write last.pt every N steps inside an epoch (--resume continues from there exactly)")
-    t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the training loss")
-    t.add_argument("--precision", choices=PRECISIONS, help="bf16: autocast convolutions and matmuls "
-                   "(log-dets and the loss stay float32); auto: bf16 where a short timed probe finds it faster")
-    t.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
-    t.add_argument("--seed", type=_seed)
+    for name, help_text in TRAIN_FLAGS.items():
+        _add_config_flag(t, name, help_text)
     t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-DATASET-TIME)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -157,7 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the dataset the run trained on")
     e.add_argument("--split", default="test", choices=["test", "val"])
     e.add_argument("--batch-size", type=_positive_int, default=1000)
-    e.add_argument("--seed", type=_seed, default=0, help="seed of the dequantization noise and the samples")
+    e.add_argument("--seed", type=_config_value("seed"), default=0, help="seed of the dequantization noise and the samples")
     e.add_argument("--samples", type=_non_negative_int, default=10_000, help="samples for the quality metrics (0: skip them)")
     e.add_argument("--importance-samples", type=_positive_int, default=1, metavar="K",
                    help="K > 1: the importance-weighted bits/dim over K dequantization draws (what papers "
@@ -181,7 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_positive_float, default=1.0)
     s.add_argument("--temperatures", type=_temperature_list, metavar="T1,T2,...",
                    help="a sweep: one row per temperature from the same noise, e.g. 0.5,0.7,0.85,1.0")
-    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--seed", type=_config_value("seed"), default=0)
     s.add_argument("--nrow", type=_positive_int, default=8, help="images per row")
     s.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -191,7 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
     i.add_argument("--pairs", type=_positive_int, default=4, help="image pairs, one row each")
     i.add_argument("--steps", type=_positive_int, default=8, help="images per row, ends included")
-    i.add_argument("--seed", type=_seed, default=0, help="picks the test images and their dequantization")
+    i.add_argument("--seed", type=_config_value("seed"), default=0, help="picks the test images and their dequantization")
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     c = commands.add_parser("compare", help="evaluate runs side by side; write report.md, report.html and figures")
@@ -222,10 +256,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> int:
     entry = MODELS[args.model]
     size, model_overrides, train_overrides = split_overrides(args.overrides, entry.config, entry.train_config, args.model)
-    flags = {"dataset": args.dataset, "epochs": args.epochs, "max_steps": args.max_steps,
-             "max_minutes": args.max_minutes, "batch_size": args.batch_size, "seed": args.seed,
-             "checkpoint_every": args.checkpoint_every, "compile": args.compile, "precision": args.precision,
-             "channels_last": args.channels_last}
+    flags = {name: getattr(args, name) for name in ("dataset", *TRAIN_FLAGS)}
     train_overrides.update({k: v for k, v in flags.items() if v is not None})
     out = args.out
     if out is None:

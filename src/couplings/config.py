@@ -136,9 +136,10 @@ class PixelTrainConfig(TrainConfig):
         for name in ("eval_batch_size", "samples_per_epoch", "discriminative_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
-        if self.precision not in PRECISIONS or self.adam not in ("auto", "default", "foreach", "fused"):
-            raise ConfigError(f"need precision fp32, bf16 or auto and adam auto, default, foreach or fused; "
-                              f"found {self.precision!r} and {self.adam!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be fp32, bf16 or auto, found {self.precision!r}")
+        if self.adam not in ("auto", "default", "foreach", "fused"):
+            raise ConfigError(f"adam must be auto, default, foreach or fused, found {self.adam!r}")
         if self.target_bpd is not None and not 0 < self.target_bpd < math.inf:
             raise ConfigError(f"target_bpd must be a number of bits/dim > 0 (or none), found {self.target_bpd}")
         if self.wn_l2 < 0 or self.discriminative_weight < 0:
