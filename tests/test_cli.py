@@ -199,7 +199,7 @@ def test_every_train_flag_is_a_config_field_parsed_and_checked_there():
 
     fields = {f.name for f in dataclasses.fields(PixelTrainConfig)}
     assert set(cli.TRAIN_FLAGS) <= fields
-    parser = cli._build_parser()
+    parser = cli.build_parser()
     args = parser.parse_args(["train", "realnvp", "--epochs", "3", "--max-minutes", "1.5", "--precision", "bf16",
                               "--compile", "--seed", "7"])
     assert (args.epochs, args.max_minutes, args.precision, args.compile, args.seed) == (3, 1.5, "bf16", True, 7)
