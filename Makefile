@@ -46,8 +46,8 @@ demo-nice:
 demo-glow:
 	$(DEMO_TRAIN) glow --set size=fast --set num_classes=10 --set class_prior=position --set class_couplings=true \
 	  $(DEMO_BUDGET) --out $(DEMO)/glow-cond-fast
-demo-realnvp:
-	$(DEMO_TRAIN) realnvp --set size=fast $(DEMO_BUDGET) --out $(DEMO)/realnvp-fast
+demo-realnvp:  # Polyak averages: smoother samples after a few hundred steps (docs/results.md)
+	$(DEMO_TRAIN) realnvp --set size=fast --set ema_decay=0.99 $(DEMO_BUDGET) --out $(DEMO)/realnvp-fast
 demo-latent:
 	$(DEMO_TRAIN) latent-realnvp --set ae_epochs=3 --epochs 8 --device cpu --quiet --out $(DEMO)/latent-realnvp
 

@@ -460,5 +460,5 @@ def test_coupling_nets_give_the_same_values_and_gradients_in_either_memory_forma
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     plain = net._layers(x)
     (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
-    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-4)  # the convolutions sum in another order
     torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-4)
