@@ -64,3 +64,23 @@ def test_learning_curve_counts_training_time_only_and_plots(tiny_dataset, tmp_pa
     png = tmp_path / "curves.png"
     subprocess.run([sys.executable, str(script), "plot", str(out), "-o", str(png)], check=True, capture_output=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roofline_counts_the_step_and_prints_its_table_row():
+    script = SCRIPT.with_name("roofline.py")
+    done = subprocess.run([sys.executable, str(script), "realnvp", "--set", "size=small", "--batch-size", "4",
+                           "--seconds", "0.2", "--markdown"], capture_output=True, text=True, check=True)
+    result, row = done.stdout.splitlines()[-2:]
+    result = json.loads(result)
+    assert result["mflop_per_image"] > 0 and result["train_images_per_s"] > 0 and result["achieved_gflops"] > 0
+    assert 0 < result["share_of_conv_mix_peak"] and result["dominant_convolutions"] and result["top_ops"]
+    assert row.startswith("| realnvp size=small | 1 |")
+
+
+def test_ab_step_times_both_variants():
+    script = SCRIPT.with_name("ab_step.py")
+    done = subprocess.run([sys.executable, str(script), "nice", "--set", "size=small", "--set", "batch_size=8",
+                           "--against", "adam=fused", "--steps", "2"], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    assert result["against"] == ["adam=fused"] and result["base_images_per_s"] > 0 and result["variant_images_per_s"] > 0
+    assert result["speedup"] > 0 and set(result["warmup_seconds"]) == {"base", "variant"}

@@ -207,6 +207,20 @@ def test_the_roofline_table_holds_the_figures_of_its_file():
         assert [int(x) for x in shares] == [round(100 * op["self_share"]) for op in record["top_ops"][:4]], row[8]
 
 
+def test_the_compile_table_holds_the_figures_of_its_file():
+    """Each row of the --compile table is the ab_step record of its model and precision."""
+    (table,) = [t for t in tables(RESULTS) if t[0][0].startswith("model ([file]") and t[0][1] == "step"]
+    (path,) = linked_files(table[0][0], RESULTS.parent)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in table[1:]:
+        model = {"Real NVP `size=fast`": "realnvp", "Glow `size=fast`": "glow"}[row[0]]
+        precision = {"float32": "fp32", "bf16": "bf16"}[row[1]]
+        (record,) = [r for r in records if r["model"] == model and f"precision={precision}" in r["overrides"]
+                     and r["against"] == ["compile=true"]]
+        assert agrees(row[2], record["base_images_per_s"]) and agrees(row[3], record["variant_images_per_s"]), row
+        assert agrees(row[4].rstrip("x"), record["speedup"]), row
+
+
 # Rows of a run's table over its training, one column per point of its metrics.jsonl, and the field each reads.
 RUN_ROWS = {
     "passes": lambda r, batch, train: r["step"] * batch / train,

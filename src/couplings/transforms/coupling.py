@@ -148,6 +148,9 @@ class _ImageCoupling(Transform):
     def _checkerboard(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The (1, 1, H, W) mask of x's size, dtype and device and its complement, built once (and
         once more under inference mode, whose tensors autograd may not save)."""
+        if torch.compiler.is_compiling():  # a traced graph builds its constants itself (no cache: no graph break)
+            m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
+            return m, 1 - m
         key = (x.shape[2], x.shape[3], x.dtype, x.device, torch.is_inference_mode_enabled())
         if key not in self._masks:
             m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
