@@ -17,6 +17,10 @@ MODELS = {
     "nice": lambda: NICE(couplings=2, hidden_layers=1, hidden_units=16),
     "realnvp": lambda: RealNVP(hidden=4, blocks=1),
     "glow": lambda: Glow(steps=2, hidden=4, blocks=1),
+    # the fast presets' ingredients: gated networks (channels-last on CPU), bounded scales, a
+    # variational dequantizer, no batch norm
+    "realnvp_fast": lambda: RealNVP(hidden=4, blocks=1, net="gated", scale="bounded", batch_norm=False, alpha=1e-5,
+                                    per_scale=1, final=2, dequantization="variational", dequant_hidden=4),
 }
 
 # Option -> (training-config overrides, relative tolerance). bf16 keeps about 3 significant digits.
