@@ -169,9 +169,10 @@ def channels_last_on_cpu(layers, x: Tensor) -> Tensor:
 
 def concat_elu(x: Tensor) -> Tensor:
     """``[elu(x), elu(-x)]`` along channels: (B, C, H, W) -> (B, 2C, H, W); keeps both signs' information.
-    The ELUs come before the concatenation: the same values, and on CPU in channels-last a fifth
-    faster (forward and backward) than one ELU over the concatenated tensor."""
-    return torch.cat([F.elu(x), F.elu(-x)], dim=1)
+    One ELU over the concatenated tensor: its backward then runs on one contiguous gradient (two
+    ELUs before the concatenation made the eager training step of the fast presets slower, their
+    backward running on strided slices of the gradient)."""
+    return F.elu(torch.cat([x, -x], dim=1))
 
 
 class ChannelLayerNorm(nn.Module):
