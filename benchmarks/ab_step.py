@@ -16,11 +16,11 @@ import json
 import time
 
 import torch
+from roofline import build
 
 from couplings.hardware import describe
 from couplings.training.optim import make_adam
 from couplings.training.pixel import training_nll
-from roofline import build
 
 
 def train_step(model_name: str, overrides: list[str]):

@@ -12,33 +12,15 @@ from pathlib import Path
 import torch
 
 import couplings.nn
-from couplings.training.optim import make_adam
-from couplings.training.pixel import training_nll
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from roofline import build  # noqa: E402
+from ab_step import train_step
 
 CHANNELS_LAST = couplings.nn.channels_last_on_cpu
 
 
 def nchw(layers, x):
     return layers(x)
-
-
-def train_step(model_name: str, overrides: list[str]):
-    model, cfg = build(model_name, overrides)
-    nll = training_nll(model, cfg, torch.device("cpu"))
-    optimizer = make_adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                          weight_decay=cfg.weight_decay, kernel=cfg.adam)
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (cfg.batch_size, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    noise = torch.rand(pixels.shape, generator=generator)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        nll(pixels, noise, None).backward()
-        optimizer.step()
-    return step, cfg.batch_size
 
 
 def main():
