@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ def autoencoder_run(out: Path, options: list[str], seed: int, dataset: str) -> P
     """Trains (once) the autoencoder stage of a run; returns its directory."""
     tag = "-".join(o.replace("=", "") for o in options) or "default"
     run = out / f"autoencoder-{tag}-seed{seed}"
-    if (run / "last.pt").is_file() and checkpoint.load(run / "last.pt").get("stage") == "flow":
+    if (run / "last.pt").is_file() and checkpoint.load(run / "last.pt").stage == "flow":
         return run
     entry = MODELS[MODEL]
     size, model_overrides, train_overrides = split_overrides(options, entry.config, entry.train_config, MODEL)
@@ -66,20 +66,20 @@ def autoencoder_run(out: Path, options: list[str], seed: int, dataset: str) -> P
 def graft(ae_run: Path, run: Path, options: list[str], seed: int) -> None:
     """A run directory at the start of the flow stage: ``ae_run``'s autoencoder, a new flow."""
     state = checkpoint.load(ae_run / "last.pt")
-    assert state["stage"] == "flow" and state["epoch"] == 0, "the autoencoder run has not finished its stage"
+    assert state.stage == "flow" and state.epoch == 0, "the autoencoder run has not finished its stage"
     entry = MODELS[MODEL]
     _, model_overrides, train_overrides = split_overrides(options, entry.config, entry.train_config, MODEL)
-    model_config = asdict(apply_overrides(entry.config(**state["model_config"]), model_overrides))
-    cfg = apply_overrides(from_stored(entry.train_config, state["train"]), {**train_overrides, "max_steps": None})
+    model_config = asdict(apply_overrides(entry.config(**state.model_config), model_overrides))
+    cfg = apply_overrides(from_stored(entry.train_config, state.train), {**train_overrides, "max_steps": None})
     torch.manual_seed(seed)
     model = build_model(MODEL, model_config)
-    ae_state = {k.removeprefix("autoencoder."): v for k, v in state["model_state"].items() if k.startswith("autoencoder.")}
+    ae_state = {k.removeprefix("autoencoder."): v for k, v in state.model_state.items() if k.startswith("autoencoder.")}
     model.autoencoder.load_state_dict(ae_state)
     run_dir = RunDir(run)
     run_dir.create()
-    record = {"model": MODEL, "size": state["size"], "model_config": model_config, "train": asdict(cfg)}
-    run_dir.write_config({**record, "hardware": state["hardware"]})
-    run_dir.save_checkpoint({**state, **record, "model_state": model.state_dict()}, best=False)
+    grafted = replace(state, model_config=model_config, train=asdict(cfg), model_state=model.state_dict())
+    run_dir.write_config(grafted.description())
+    run_dir.save_checkpoint(grafted, best=False)
 
 
 def reconstruction_quality(ae_run: Path, dataset: str, val_size: int) -> dict:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         ae_run = autoencoder_run(args.out, ae_options, seed, args.dataset)
         ae_seconds = time.perf_counter() - started
-        val_size = checkpoint.load(ae_run / "last.pt")["train"]["val_size"]
+        val_size = checkpoint.load(ae_run / "last.pt").train["val_size"]
         floor = reconstruction_quality(ae_run, args.dataset, val_size)
         for spec in args.variant:
             name, options = _parse_variant(spec)
@@ -122,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             train(MODEL, run, resume=True, device="cpu", progress=False)
             flow_seconds = time.perf_counter() - started
             result = evaluate_checkpoint(run, dataset=args.dataset, samples=args.samples, temperature=1.0, seed=seed)
-            quality = result["sample_quality"]
+            quality = result.sample_quality
             line = {"variant": name, "options": options, "autoencoder": ae_options, "seed": seed, "dataset": args.dataset,
                     "threads": args.threads, "hardware": describe(torch.device("cpu")),
                     "autoencoder_seconds": round(ae_seconds, 1), "flow_seconds": round(flow_seconds, 1),
                     "val_nll": min(r["val_nll"] for r in RunDir(run).read_metrics() if r.get("stage") == "flow"),
-                    "test_latent_nll": result["latent_nll_nats"],
+                    "test_latent_nll": result.latent_nll_nats,
                     **{k: quality[k] for k in ("fid", "conditional_accuracy", "precision", "recall", "num_samples")},
                     "reconstruction": {k: floor[k] for k in ("fid", "conditional_accuracy", "precision", "recall")}}
             with open(args.out / "results.jsonl", "a") as f:

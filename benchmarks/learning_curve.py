@@ -4,8 +4,8 @@
         --eval-every 60 --out results/curves/realnvp-fast.jsonl
     python benchmarks/learning_curve.py plot results/curves/*.jsonl -o results/curves/curves.png
 
-A run trains exactly as `couplings train` does (the same `train_pass` step, objective, schedule
-and EMA), in segments of ``--eval-every`` seconds of training time; between segments the clock
+A run trains exactly as `couplings train` does (the same `Stage` of the pixel trainer: the same
+`train_pass` step, objective, schedule and EMA), in segments of ``--eval-every`` seconds of training time; between segments the clock
 stops and the validation bits/dim of a fixed subset (the first ``--val-images`` validation
 images, dequantization seed 0, the EMA weights when the run keeps them) is written as one JSON
 line. The plot shows every curve given and, for reference, the UvA tutorial 11 flow measured on
@@ -28,14 +28,19 @@ import torch
 from couplings import checkpoint
 from couplings.config import split_overrides
 from couplings.hardware import describe
-from couplings.likelihood import bits_per_dim
 from couplings.models import MODELS
 from couplings.rundir import RunDir
 from couplings.training import plan_run
 from couplings.training.faults import FaultCounter
-from couplings.training.loop import Budget, Console, Context, start_pass, train_pass
-from couplings.training.optim import EMA, make_adam
-from couplings.training.pixel import pixel_objective
+from couplings.training.loop import (
+    Budget,
+    Console,
+    Context,
+    TrainState,
+    start_pass,
+    train_pass,
+)
+from couplings.training.pixel import pixel_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tutorial_flow import TUTORIAL_RECIPE, TutorialFlow  # noqa: E402
@@ -59,50 +64,43 @@ def learning_curve(model_name: str, overrides: list[str], *, minutes: float, eva
         plan = plan_run(trainer, Path(scratch) / "run", train_overrides=train_overrides,
                         model_overrides=model_overrides, size=size)
         cfg, model, device = plan.cfg, (TutorialFlow() if tutorial else plan.model_object), torch.device("cpu")
-        ctx = Context(plan.record(), cfg, model.train(), device, plan.train_data, plan.val_data, None,
+        cfg.eval_batch_size = eval_batch
+        ctx = Context({**plan.record(), "hardware": describe(device)}, cfg, model.train(), device, plan.train_data, plan.val_data, None,
                       RunDir(Path(scratch) / "run"), Budget(None, None), FaultCounter(cfg.max_bad_steps), Console(progress))
-        optimizer = make_adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                              weight_decay=cfg.weight_decay, kernel=cfg.adam)
-        ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-        pixels = torch.as_tensor(plan.train_data[0]).unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
-        labels = torch.as_tensor(plan.train_data[1]).long() if model.conditional else None
-        objective = pixel_objective(model, cfg, pixels, device, labels)
-        val = plan.val_data[0][:val_images]
-        val_labels = plan.val_data[1][:val_images] if model.conditional else None
+        # `couplings train`'s stage, validated on the first val_images images with dequantization seed 0.
+        stage = pixel_stage(ctx, val_images=val_images, val_seed=0)
         common = {"label": label, "model": model_name, "overrides": overrides, "size": plan.size,
                   "parameters": sum(p.numel() for p in model.parameters()), "hardware": describe(device),
-                  "threads": torch.get_num_threads(), "val_images": len(val)}
-        records, trained, step, epoch = [], 0.0, 0, 1
-        this = start_pass(len(pixels), epoch, cfg, device, None)
+                  "threads": torch.get_num_threads(), "val_images": min(val_images, len(plan.val_data[0]))}
+        records, trained, state = [], 0.0, TrainState()
+        this = start_pass(stage.examples, 1, cfg, device, None)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as log:
             while trained < 60 * minutes:
                 segment = min(eval_every, 60 * minutes - trained)
                 ctx.budget = Budget(None, segment / 60)
                 started = time.perf_counter()
-                while not ctx.budget.spent(step):
+                while not ctx.budget.spent(state.step):
                     if this.complete:
-                        epoch += 1
-                        this = start_pass(len(pixels), epoch, cfg, device, None)
-                    step = train_pass(ctx, optimizer, this, objective, step=step, desc=f"epoch {epoch}",
-                                      postfix=lambda nll: "", fields=lambda s: {}, ema=ema)
+                        this = start_pass(stage.examples, this.index + 1, cfg, device, None)
+                    train_pass(ctx, stage, this, state, postfix=lambda nll: "")
                 trained += time.perf_counter() - started
                 model.eval()
-                with ema.applied(model) if ema is not None else nullcontext():
-                    val_bpd = bits_per_dim(model, val, seed=0, batch_size=eval_batch, labels=val_labels)
+                with stage.ema.applied(model) if stage.ema is not None else nullcontext():
+                    val_bpd = stage.validate()["val_bpd"]
                 model.train()
-                record = {**common, "train_seconds": round(trained, 1), "step": step, "epochs": round(
-                    step * cfg.batch_size / len(pixels), 3), "val_bpd": val_bpd}
+                record = {**common, "train_seconds": round(trained, 1), "step": state.step, "epochs": round(
+                    state.step * cfg.batch_size / stage.examples, 3), "val_bpd": val_bpd}
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                print(f"{label}: {trained / 60:5.1f} min, step {step}, val {val_bpd:.4f} bits/dim", file=sys.stderr)
+                print(f"{label}: {trained / 60:5.1f} min, step {state.step}, val {val_bpd:.4f} bits/dim", file=sys.stderr)
         if save is not None:  # the final weights (and averages) as a checkpoint that eval and sample read
             if tutorial:
                 raise SystemExit("--save needs a model of the registry, not the tutorial flow")
-            checkpoint.save({**plan.record(), "hardware": describe(device), "model_state": model.state_dict(),
-                             **({"ema_state": ema.state_dict()} if ema is not None else {}),
-                             "epoch": step * cfg.batch_size // len(pixels), "step": step, "elapsed": trained}, save)
+            state.epoch = state.step * cfg.batch_size // stage.examples
+            ctx.budget = Budget(None, None, already=trained)  # the checkpoint's clock: training time
+            checkpoint.save(ctx.snapshot(state, stage), save)
     return records
 
 

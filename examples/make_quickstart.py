@@ -65,14 +65,14 @@ def show(images, title, nrow=8, row_labels=None):
 
 `src/couplings/pretrained/` ships five models (its README says how each was trained).
 `load_model` rebuilds a model from its checkpoint file alone and returns it in eval mode, with
-the checkpoint dict and its provenance. `nice-mnist` is NICE as in the paper (Dinh et al., 2014):
+the `Checkpoint` with its provenance. `nice-mnist` is NICE as in the paper (Dinh et al., 2014):
 four additive couplings of 5 x 1000-unit MLPs and a diagonal scaling, trained for 110 minutes on
 2 CPU cores and stored in float16. It is in a source checkout but, at 38 MB, not in the wheel:
 with an installed couplings, use `nice-small-mnist` (or set `$COUPLINGS_PRETRAINED`)."""),
     ("code", """\
 model, checkpoint = load_model(pretrained_path("nice-mnist"))
-provenance = checkpoint["provenance"]
-print(f"{type(model).__name__}, size {checkpoint['size']}, {sum(p.numel() for p in model.parameters()):,} parameters")
+provenance = checkpoint.provenance
+print(f"{type(model).__name__}, size {checkpoint.size}, {sum(p.numel() for p in model.parameters()):,} parameters")
 print(f"trained with: {provenance['command']}")
 print(f"{provenance['training_seconds'] / 60:.0f} min on {provenance['hardware']}")"""),
     ("markdown", """\
@@ -157,7 +157,7 @@ with tempfile.TemporaryDirectory() as run:
     train("nice", run, size="small", progress=False,
           train_overrides={"dataset": "mnist", "max_minutes": minutes, "val_size": 1000})
     tiny, state = load_model(run)  # best.pt, by validation bits/dim
-print(f"{state['step']} steps in {state['elapsed']:.0f} s: "
+print(f"{state.step} steps in {state.elapsed:.0f} s: "
       f"{bits_per_dim(tiny, images[:500]):.3f} bits/dim on the same 500 test images")
 show(temperature_sweep(tiny, [0.8], n=16, seed=0), f"NICE after {minutes:g} min, T = 0.8")"""),
 ]

@@ -24,8 +24,11 @@ def provenance_lines(root: Path = ROOT) -> list[str]:
     for path in files:
         # pretrained files carry a checksum header (couplings.checkpoint.save); the classifiers are plain torch files
         pretrained = path.parent.name == "pretrained"
-        payload = checkpoint.load(path) if pretrained else torch.load(path, weights_only=True, map_location="cpu")
-        meta = payload.get("provenance") or {k: v for k, v in payload.items() if isinstance(v, (str, int, float)) or v is None}
+        if pretrained:
+            meta = checkpoint.load(path).provenance
+        else:
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+            meta = {k: v for k, v in payload.items() if isinstance(v, (str, int, float)) or v is None}
         lines.append(f"{path.relative_to(root)} ({os.path.getsize(path) / 1e6:.1f} MB): {meta}")
     return lines
 

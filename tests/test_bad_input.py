@@ -229,7 +229,7 @@ class _Exploit:
 
 def _bad_checkpoints(trained: Path, directory: Path) -> dict[str, Path]:
     """Checkpoint files that must all be refused, by case."""
-    state = checkpoint.load(trained / "last.pt")
+    state = checkpoint.load(trained / "last.pt").to_payload()
     blob = (trained / "last.pt").read_bytes()
     paths = {}
 

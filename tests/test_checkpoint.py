@@ -19,14 +19,14 @@ from couplings.models import NICE
 
 def _payload(**extra):
     model = NICE(dim=4, couplings=2, hidden_layers=1, hidden_units=4)
-    return {"model": "nice", "model_config": asdict(model.config), "model_state": model.state_dict(), **extra}
+    return checkpoint.Checkpoint("nice", asdict(model.config), model.state_dict(), **extra)
 
 
 def test_round_trip_and_no_temporary_files(tmp_path):
     checkpoint.save(_payload(epoch=3), tmp_path / "last.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     model, state = checkpoint.load_model(tmp_path)  # a run directory resolves to its checkpoint
-    assert state["epoch"] == 3 and state["format_version"] == checkpoint.FORMAT_VERSION
+    assert state.epoch == 3 and state.format_version == checkpoint.FORMAT_VERSION
     assert not model.training
 
 
@@ -58,20 +58,20 @@ def test_truncated_file_is_refused(tmp_path):
 
 
 def test_newer_format_missing_keys_and_unknown_model(tmp_path):
-    torch.save({**_payload(), "format_version": 99}, tmp_path / "new.pt")
+    torch.save({**_payload().to_payload(), "format_version": 99}, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match="format version 99 is newer"):
         checkpoint.load(tmp_path / "new.pt")
     torch.save({"format_version": 1, "model": "nice"}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match=r"missing keys \['model_config', 'model_state'\]"):
         checkpoint.load(tmp_path / "partial.pt")
-    torch.save({**_payload(), "format_version": 1, "model": "maf"}, tmp_path / "maf.pt")
+    torch.save({**_payload().to_payload(), "format_version": 1, "model": "maf"}, tmp_path / "maf.pt")
     with pytest.raises(CheckpointError, match="unknown model 'maf'"):
         checkpoint.load(tmp_path / "maf.pt")
 
 
 def test_weights_of_another_shape_are_refused(tmp_path):
     payload = _payload()
-    payload["model_config"]["hidden_units"] = 8
+    payload.model_config["hidden_units"] = 8
     checkpoint.save(payload, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="weights do not fit model 'nice'"):
         checkpoint.load_model(tmp_path / "x.pt")
@@ -112,9 +112,48 @@ def test_pretrained_models_are_found_from_an_installed_wheel(tmp_path):
     (wheel,) = wheels.glob("couplings-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
     code = ("import couplings.checkpoint as c; p = c.pretrained_path('glow-cond-mnist'); "
-            "m, s = c.load_model(p); print(p, type(m).__name__, s['provenance']['test_bits_per_dim'])")
+            "m, s = c.load_model(p); print(p, type(m).__name__, s.provenance['test_bits_per_dim'])")
     env = {**os.environ, "PYTHONPATH": str(target)}
     env.pop("COUPLINGS_PRETRAINED", None)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.split()
     assert Path(out[0]).is_relative_to(target) and out[1] == "Glow" and float(out[2]) == pytest.approx(1.0835, abs=1e-4)
+
+
+# --- The schema ---------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_format_1_checkpoint_reads_into_the_schema_and_resumes_its_random_stream(tmp_path):
+    """Format 1 kept torch's CPU random state alone, as ``rng_state``, and no "pass" position."""
+    from couplings.training.faults import set_rng_states
+
+    torch.manual_seed(5)
+    stream = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.save({**_payload(epoch=2, step=7).to_payload(), "format_version": 1, "rng_state": stream}, tmp_path / "old.pt")
+    old = checkpoint.load(tmp_path / "old.pt")
+    assert (old.format_version, old.epoch, old.step, old.position) == (1, 2, 7, None)
+    set_rng_states(old.rng)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_schema_round_trips_and_refuses_keys_of_no_format(tmp_path):
+    ckpt = _payload(epoch=1, step=4, position={"index": 2, "next": 1}, best_val_bpd=1.5, ema_state={})
+    payload = ckpt.to_payload()
+    assert payload["pass"] == {"index": 2, "next": 1} and "position" not in payload and "provenance" not in payload
+    assert checkpoint.Checkpoint.from_payload(payload) == ckpt
+    with pytest.raises(CheckpointError, match=r"unknown keys \['optimiser'\]"):
+        checkpoint.Checkpoint.from_payload({**payload, "optimiser": {}})
+    assert ckpt.weights() is ckpt.model_state  # empty averages: the trained weights
+    ckpt.ema_state = {"w": torch.ones(1)}
+    assert ckpt.weights() is ckpt.ema_state and ckpt.exported().model_state is ckpt.ema_state
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in [
+    *ROOT.glob("results/**/*.pt"), *ROOT.glob("src/couplings/pretrained/*.pt")]))
+def test_every_committed_checkpoint_reads_into_the_schema(path):
+    ckpt = checkpoint.load(ROOT / path)
+    assert 1 <= ckpt.format_version <= checkpoint.FORMAT_VERSION and ckpt.model_state
+    assert checkpoint.Checkpoint.from_payload(ckpt.to_payload()).step == ckpt.step

@@ -51,9 +51,9 @@ def test_train_writes_a_complete_run_directory(run_dir):
         assert lines[0][key] > 0
     assert (run_dir / "samples" / "epoch_0001.png").stat().st_size > 0
     state = checkpoint.load(run_dir / "last.pt")
-    assert state["step"] == 5 and "optimizer_state" in state
-    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
-    assert state["epoch"] == 0 and state["pass"]["index"] == 1 and state["pass"]["next"] == 5  # stopped inside epoch 1
+    assert state.step == 5 and state.optimizer_state is not None
+    assert set(state.rng) == {"torch", "cuda", "numpy", "python"}
+    assert state.epoch == 0 and state.position["index"] == 1 and state.position["next"] == 5  # stopped inside epoch 1
 
 
 def test_eval_and_sample_on_the_trained_run(run_dir, tmp_path, capsys):
@@ -81,9 +81,9 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_datas
     assert _train(split, "--epochs", "1") == 0
     assert _train(split, "--epochs", "2", "--resume") == 0
     a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 12
-    for key in a["model_state"]:
-        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], atol=0, rtol=0)
+    assert a.epoch == b.epoch == 2 and a.step == b.step == 12
+    for key in a.model_state:
+        torch.testing.assert_close(a.model_state[key], b.model_state[key], atol=0, rtol=0)
     assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -150,8 +150,8 @@ def test_pretrained_export_and_use(run_dir, tmp_path, monkeypatch, capsys):
     path = checkpoint.export_pretrained(run_dir, tmp_path / "pretrained" / "nice-tiny.pt", half=True,
                                         provenance={"command": "test"})
     state = checkpoint.load(path)
-    assert state["stored_half_precision"] and "optimizer_state" not in state
-    assert all(v.dtype == torch.float16 for v in state["model_state"].values() if v.is_floating_point())
+    assert state.stored_half_precision and state.optimizer_state is None
+    assert all(v.dtype == torch.float16 for v in state.model_state.values() if v.is_floating_point())
     model, _ = checkpoint.load_model(path)
     assert next(model.parameters()).dtype == torch.float32
     assert main(["sample", "--pretrained", "nice-tiny", "-n", "4", "-o", str(tmp_path / "p.png")]) == 0
@@ -168,7 +168,7 @@ def test_resume_recreates_a_missing_samples_directory(run_dir):
     # end of its first epoch, before that epoch's checkpoint was written.
     shutil.rmtree(run_dir / "samples")
     assert _train(run_dir, "--resume", "--max-steps", "7") == 0
-    assert checkpoint.load(run_dir / "last.pt")["step"] == 7 and any((run_dir / "samples").iterdir())
+    assert checkpoint.load(run_dir / "last.pt").step == 7 and any((run_dir / "samples").iterdir())
 
 
 @pytest.mark.processes
@@ -186,8 +186,8 @@ def test_sigterm_stops_after_the_current_step_and_checkpoints(tiny_dataset, tmp_
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     state = checkpoint.load(out / "last.pt")
     last_line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last_line["step"] == state["step"] > 0  # the stopped epoch was logged and checkpointed
-    assert _train(out, "--resume", "--max-steps", str(state["step"] + 2)) == 0
+    assert last_line["step"] == state.step > 0  # the stopped epoch was logged and checkpointed
+    assert _train(out, "--resume", "--max-steps", str(state.step + 2)) == 0
 
 
 def test_every_train_flag_is_a_config_field_parsed_and_checked_there():

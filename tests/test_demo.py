@@ -39,7 +39,7 @@ def test_make_demo_reports_every_model_it_trains_each_on_one_thread():
     shipped_kinds = []
     for name in shipped:
         state = checkpoint.load(checkpoint.pretrained_path(name))
-        shipped_kinds.append((state["model"], state["model_config"].get("num_classes", 0) > 0))
+        shipped_kinds.append((state.model, state.model_config.get("num_classes", 0) > 0))
     assert sorted(kinds) == sorted(shipped_kinds)
     for c in trains:
         assert c[0] == "OMP_NUM_THREADS=1" and c[c.index("--device") + 1] == "cpu"

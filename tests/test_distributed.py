@@ -150,7 +150,7 @@ def _column(run: Path, name: str) -> list:
 
 def _checkpoint_step(path: Path) -> int:
     try:
-        return checkpoint.load(path)["step"]
+        return checkpoint.load(path).step
     except (checkpoint.CheckpointError, OSError):
         return -1
 
@@ -170,9 +170,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tiny, tmp_p
     monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec("tiny", tiny[1]))
     assert main(["train", "nice", "--out", str(one), *TINY, "--epochs", "2"]) == 0
     a, b = checkpoint.load(two / "last.pt"), checkpoint.load(one / "last.pt")
-    assert a["step"] == b["step"] == 12 and a["world_size"] == 2 and b["world_size"] == 1
+    assert a.step == b.step == 12 and a.world_size == 2 and b.world_size == 1
     # Float rounding only (measured: at most 3e-8 after 5 steps): each rank sums half the batch.
-    _assert_same_weights(a["model_state"], b["model_state"], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(a.model_state, b.model_state, rtol=1e-5, atol=1e-6)
     for name in ("train_loss", "val_bpd"):  # the logged loss is the global batch's
         assert _column(two, name) == pytest.approx(_column(one, name), rel=1e-5)
     assert "2 processes (torchrun)" in json.loads((two / "config.json").read_text())["hardware"]
@@ -256,14 +256,14 @@ def test_a_ddp_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tiny
     cmd = _torchrun_command(tmp_path, md5, ["train", "nice", "--out", str(killed), *argv], PARKED_AT_STEP_5)
     _killed_when(cmd, _env(root), lambda: _checkpoint_step(killed / "last.pt") == 4, signal.SIGKILL, whole_tree=True)
     stopped_at = checkpoint.load(killed / "last.pt")
-    assert stopped_at["pass"] is not None and stopped_at["step"] == 4, stopped_at["step"]  # inside an epoch
+    assert stopped_at.position is not None and stopped_at.step == 4, stopped_at.step  # inside an epoch
 
     result = _torchrun(tmp_path, tiny, ["train", "nice", "--out", str(killed), "--resume", "--quiet"])
     assert result.returncode == 0, result.stderr
     a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(killed / "last.pt")
-    assert a["step"] == b["step"] == 12
-    _assert_same_weights(a["model_state"], b["model_state"], rtol=0, atol=0)
-    for x, y in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+    assert a.step == b.step == 12
+    _assert_same_weights(a.model_state, b.model_state, rtol=0, atol=0)
+    for x, y in zip(a.optimizer_state["state"].values(), b.optimizer_state["state"].values()):
         _assert_same_weights(x, y, rtol=0, atol=0)
 
 
@@ -316,9 +316,9 @@ def test_a_sweep_of_kills_of_torchrun_and_its_ranks_then_resume_ends_bitwise_equ
     print(f"torchrun kill sweep: {line}")
     seed = line.split(",")[0]
     a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(run / "last.pt")
-    assert a["step"] == b["step"] == 120 and b["world_size"] == 2
-    _assert_same_weights(a["model_state"], b["model_state"], rtol=0, atol=0)
-    for x, y in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+    assert a.step == b.step == 120 and b.world_size == 2
+    _assert_same_weights(a.model_state, b.model_state, rtol=0, atol=0)
+    for x, y in zip(a.optimizer_state["state"].values(), b.optimizer_state["state"].values()):
         _assert_same_weights(x, y, rtol=0, atol=0)
     assert [r["step"] for r in RunDir(run).read_metrics()] == list(range(6, 121, 6)), seed
     assert not list(run.rglob(".*.tmp*"))
@@ -333,11 +333,11 @@ def test_sigint_to_the_torchrun_group_checkpoints_once_and_the_run_resumes(tiny,
     assert "checkpointed in" in result.stderr
     state = checkpoint.load(run / "last.pt")  # intact
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == state["step"] > 6  # the stopped epoch was logged and checkpointed
-    result = _torchrun(tmp_path, tiny, ["train", "nice", "--out", str(run), "--resume", "--epochs", str(state["epoch"] + 1),
+    assert metrics[-1]["step"] == state.step > 6  # the stopped epoch was logged and checkpointed
+    result = _torchrun(tmp_path, tiny, ["train", "nice", "--out", str(run), "--resume", "--epochs", str(state.epoch + 1),
                                         "--quiet"])
     assert result.returncode == 0, result.stderr
-    assert checkpoint.load(run / "last.pt")["epoch"] == state["epoch"] + 1
+    assert checkpoint.load(run / "last.pt").epoch == state.epoch + 1
 
 
 @pytest.mark.parametrize("model", ["nice", "realnvp"])  # Real NVP: per-rank batch norm, running averages from rank 0
@@ -353,7 +353,7 @@ def test_a_fault_on_one_rank_is_skipped_on_both_and_the_ranks_stay_in_sync(model
     assert [m["skipped_steps"] for m in metrics] == [1, 1]  # step 3 in epoch 1, step 8 in epoch 2
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]  # weights and buffers
     _assert_same_weights(ranks[0], ranks[1], rtol=0, atol=0)
-    assert checkpoint.load(run / "last.pt")["step"] == 12
+    assert checkpoint.load(run / "last.pt").step == 12
 
 
 def test_a_rank_that_dies_stops_the_other_with_a_clear_line_and_an_intact_checkpoint(tiny, tmp_path):
@@ -367,7 +367,7 @@ def test_a_rank_that_dies_stops_the_other_with_a_clear_line_and_an_intact_checkp
     assert time.monotonic() - started < 60
     assert "rank 0: error: rank 0 of 2:" in result.stderr, result.stderr
     assert "another rank stopped" in result.stderr and "the last good checkpoint is" in result.stderr
-    assert checkpoint.load(run / "last.pt")["step"] == 4  # verified: intact
+    assert checkpoint.load(run / "last.pt").step == 4  # verified: intact
 
 
 def test_a_rank_that_hangs_stops_the_other_after_the_timeout(tiny, tmp_path):
@@ -379,7 +379,7 @@ def test_a_rank_that_hangs_stops_the_other_after_the_timeout(tiny, tmp_path):
     assert result.returncode != 0
     assert "rank 0: error: rank 0 of 2: averaging the gradients failed" in result.stderr, result.stderr
     assert "within 2 s" in result.stderr
-    assert checkpoint.load(run / "last.pt")["step"] == 2
+    assert checkpoint.load(run / "last.pt").step == 2
 
 
 @pytest.mark.network
@@ -393,4 +393,4 @@ def test_torchrun_launches_the_installed_command_and_the_module(launch, tmp_path
                              "--set", "samples_per_epoch=4", "--device", "cpu", "--quiet", "--out", str(run)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert checkpoint.load(run / "last.pt")["world_size"] == 2
+    assert checkpoint.load(run / "last.pt").world_size == 2

@@ -23,7 +23,7 @@ def test_a_safetensors_export_loads_back_to_the_same_model(tmp_path, capsys):
     assert config["format"] == "couplings-safetensors" and config["model"] == "realnvp"
     original, _ = checkpoint.load_model(source)
     exported, payload = checkpoint.load_model(out)  # the directory, as a run directory is given
-    assert payload["model_config"] == json.loads(json.dumps(checkpoint.load(source)["model_config"]))
+    assert payload.model_config == json.loads(json.dumps(checkpoint.load(source).model_config))
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(exported.log_prob(x), original.log_prob(x), rtol=0, atol=0)
@@ -38,7 +38,7 @@ def test_a_safetensors_export_loads_back_to_the_same_model(tmp_path, capsys):
 def test_a_small_pt_export_and_errors(tmp_path, capsys):
     out = tmp_path / "nice.pt"
     assert main(["export", str(checkpoint.pretrained_path("nice-small-mnist")), "--format", "pt", "-o", str(out), "--half"]) == 0
-    assert checkpoint.load(out)["stored_half_precision"] is True
+    assert checkpoint.load(out).stored_half_precision is True
     assert main(["export", str(out), "--half", "-o", str(tmp_path / "x")]) == 2
     assert "--half applies to --format pt only" in capsys.readouterr().err
 
@@ -47,7 +47,7 @@ def test_a_half_precision_export_scores_like_the_float_model(tmp_path):
     source = checkpoint.pretrained_path("nice-small-mnist")
     out = tmp_path / "nice-half.pt"
     assert main(["export", str(source), "--format", "pt", "-o", str(out), "--half"]) == 0
-    stored = checkpoint.load(out)["model_state"]
+    stored = checkpoint.load(out).model_state
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
     assert out.stat().st_size < 0.6 * source.stat().st_size
     original, _ = checkpoint.load_model(source)

@@ -21,7 +21,7 @@ def test_train_eval_sample_interpolate(model, tiny_dataset, tmp_path, capsys):
     assert main(argv) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["size"] == "small" and config["model_config"]["hidden"] == 4
-    assert checkpoint.load(run / "last.pt")["step"] == 3
+    assert checkpoint.load(run / "last.pt").step == 3
 
     assert main(["eval", str(run), "--samples", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -100,8 +100,7 @@ def test_no_pixel_bits_per_dim(model):
 
 
 def test_save_load_gives_equal_outputs(model, tmp_path):
-    checkpoint.save({"model": "latent-realnvp", "model_config": asdict(model.config),
-                     "model_state": model.state_dict()}, tmp_path / "m.pt")
+    checkpoint.save(checkpoint.Checkpoint("latent-realnvp", asdict(model.config), model.state_dict()), tmp_path / "m.pt")
     loaded, _ = checkpoint.load_model(tmp_path / "m.pt")
     x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
     torch.testing.assert_close(loaded.log_prob(x, y), model.log_prob(x, y), atol=0, rtol=0)
@@ -116,7 +115,7 @@ def test_cli_two_stages_eval_and_sample(tiny_dataset, tmp_path, capsys):
     assert main(["train", "latent-realnvp", "--out", str(run), *TINY]) == 0
     stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["autoencoder", "flow"]
-    assert (run / "best.pt").is_file() and checkpoint.load(run / "last.pt")["stage"] == "flow"
+    assert (run / "best.pt").is_file() and checkpoint.load(run / "last.pt").stage == "flow"
     # Resuming a finished run with more flow epochs trains only the flow.
     assert main(["train", "latent-realnvp", "--out", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
     stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -135,15 +135,15 @@ def test_conditional_accuracy_end_to_end_is_the_fraction_of_samples_of_the_asked
     assert all(len(p) >= 20 for p in pool.values())
     dealer = _DigitDealer(pool, wrong={3, 7})
     # Scored on the 1,000 validation images (val_size), not the 10,000 test images: quicker on 2 cores.
-    state = {"model": "latent-realnvp", "train": {"dataset": "mnist", "val_size": 1000}}
+    state = checkpoint.Checkpoint("latent-realnvp", {}, {}, train={"dataset": "mnist", "val_size": 1000})
     monkeypatch.setattr(checkpoint, "load_model", lambda path, device="cpu": (dealer, state))
     stand_in = tmp_path / "dealer.pt"
     stand_in.write_bytes(b"")  # evaluate_checkpoint names the file it scored
     # 200 samples drawn 64 at a time: the labels of every chunk must line up with its samples.
     result = evaluate_checkpoint(stand_in, split="val", samples=200, batch_size=64)
-    quality = result["sample_quality"]
+    quality = result.sample_quality
     assert dealer.asked_for == [i % 10 for i in range(200)]  # every digit equally often, in order
-    assert result["num_images"] == 1000 and quality["num_samples"] == 200
+    assert result.num_images == 1000 and quality["num_samples"] == 200
     assert quality["conditional_accuracy"] == 160 / 200 == 0.8
     assert quality["nearest_train_l2"] > 0  # test images, none of them in the training split
 

@@ -98,8 +98,7 @@ def test_temperature_scales_the_prior(model):
 
 def test_save_load_gives_equal_outputs(model, tmp_path):
     name = {NICE: "nice", RealNVP: "realnvp", Glow: "glow"}[type(model)]
-    payload = {"model": name, "model_config": asdict(model.config), "model_state": model.state_dict()}
-    checkpoint.save(payload, tmp_path / "m.pt")
+    checkpoint.save(checkpoint.Checkpoint(name, asdict(model.config), model.state_dict()), tmp_path / "m.pt")
     loaded, _ = checkpoint.load_model(tmp_path / "m.pt")
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(loaded.log_prob(x), model.eval().log_prob(x), atol=0, rtol=0)
@@ -172,7 +171,7 @@ def test_actnorm_initialisation_survives_a_checkpoint(tmp_path):
     g = Glow(image_shape=(1, 8, 8), steps=2, hidden=4, blocks=0)
     g.train()
     g.log_prob(torch.rand(8, 1, 8, 8))
-    checkpoint.save({"model": "glow", "model_config": asdict(g.config), "model_state": g.state_dict()}, tmp_path / "g.pt")
+    checkpoint.save(checkpoint.Checkpoint("glow", asdict(g.config), g.state_dict()), tmp_path / "g.pt")
     loaded, _ = checkpoint.load_model(tmp_path / "g.pt")
     loaded.train()
     x = torch.rand(4, 1, 8, 8) * 5  # a batch unlike the first: re-initialising would change outputs

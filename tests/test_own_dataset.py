@@ -162,8 +162,8 @@ def _at_step_zero(trained, payload):
     model's normalisation statistics: running means and variances move in training mode without
     any optimizer step, so what the model is better by after training is the optimizer's doing."""
     with torch.random.fork_rng():
-        torch.manual_seed(payload["train"]["seed"])
-        model = build_model(payload["model"], payload["model_config"])
+        torch.manual_seed(payload.train["seed"])
+        model = build_model(payload.model, payload.model_config)
     statistics = {k: v for k, v in trained.state_dict().items() if k.endswith(("running_mean", "running_var"))}
     model.load_state_dict(statistics, strict=False)
     return model.eval()
@@ -179,7 +179,7 @@ def test_every_model_trains_on_both_formats(model, kind, datasets, tmp_path):
     assert config["dataset_sha256"] == data.fingerprint(str(datasets[kind]))
     shape_option = {"nice": "image_shape", "realnvp": "image_shape", "glow": "image_shape", "latent-realnvp": "image_size"}
     assert config["model_config"][shape_option[model]] in ([1, 16, 16], 16)  # followed the data
-    assert checkpoint.load(run / "last.pt")["step"] == 4
+    assert checkpoint.load(run / "last.pt").step == 4
 
     # It learned: the validation score it logged for its last epoch (that of last.pt) is clearly
     # better than the same model's at step 0 on the same 20 validation images.
@@ -190,8 +190,8 @@ def test_every_model_trains_on_both_formats(model, kind, datasets, tmp_path):
     if model != "latent-realnvp":
         labels = val_labels if trained.conditional else None
         final = logged[-1]["val_bpd"]
-        assert bits_per_dim(trained, val_images, seed=payload["train"]["seed"], labels=labels) == pytest.approx(final, abs=1e-4)
-        before = bits_per_dim(start, val_images, seed=payload["train"]["seed"], labels=labels)
+        assert bits_per_dim(trained, val_images, seed=payload.train["seed"], labels=labels) == pytest.approx(final, abs=1e-4)
+        before = bits_per_dim(start, val_images, seed=payload.train["seed"], labels=labels)
         # Measured: 0.30 (NICE), 1.33-1.36 (Real NVP), 0.53-0.54 (Glow) bits/dim below; 0 with the optimizer's step a no-op.
         assert final < before - 0.1, (model, before, [m["val_bpd"] for m in logged])
     else:  # no pixel density: the autoencoder's BCE, then the flow's NLL of the trained encoder's embeddings
@@ -330,7 +330,7 @@ def test_resume_refuses_a_changed_dataset(tmp_path, capsys):
     _npz(dataset, x=x, y=y)
     _fails(capsys, 2, lambda: _train("nice", dataset, run, "--resume", "--max-steps", "4"),
            f"--resume: {dataset} has changed since {run} started training on it")
-    assert checkpoint.load(run / "last.pt")["step"] == 3
+    assert checkpoint.load(run / "last.pt").step == 3
 
 
 @pytest.mark.parametrize("count, val_size, batch_size", [(300, 27, 200), (50, 4, 41)])

@@ -51,7 +51,7 @@ def test_every_shipped_model_is_pinned():
 @pytest.mark.parametrize("name", sorted(SUBSET))
 def test_pretrained_model_scores_its_known_figure_on_a_fixed_subset(name):
     assert _score(name, 1000) == pytest.approx(SUBSET[name], abs=1e-4)
-    provenance = checkpoint.load(checkpoint.pretrained_path(name))["provenance"]
+    provenance = checkpoint.load(checkpoint.pretrained_path(name)).provenance
     assert provenance["command"] and provenance["commit"] and provenance["hardware"]
 
 
@@ -59,6 +59,6 @@ def test_pretrained_model_scores_its_known_figure_on_a_fixed_subset(name):
 @pytest.mark.skipif(not SLOW, reason="scores the whole test set; set COUPLINGS_SLOW_TESTS=1")
 @pytest.mark.parametrize("name", ["nice-mnist", "nice-small-mnist", "realnvp-fast-mnist", "glow-cond-mnist"])
 def test_pretrained_model_scores_its_provenance_figure_on_the_whole_test_set(name):
-    provenance = checkpoint.load(checkpoint.pretrained_path(name))["provenance"]
+    provenance = checkpoint.load(checkpoint.pretrained_path(name)).provenance
     recorded = provenance.get("test_bits_per_dim", provenance.get("test_bits_per_dim_float32"))
     assert _score(name, None) == pytest.approx(recorded, abs=1e-3)

@@ -270,7 +270,7 @@ def pretrained_rows() -> list[list[str]]:
 def load_provenance(name: str) -> dict:
     from couplings import checkpoint
 
-    return checkpoint.load(checkpoint.pretrained_path(name))["provenance"]
+    return checkpoint.load(checkpoint.pretrained_path(name)).provenance
 
 
 @pytest.mark.parametrize("row", pretrained_rows(), ids=lambda row: row[0].strip("`"))

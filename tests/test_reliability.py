@@ -35,13 +35,13 @@ def _child(out, *extra) -> list[str]:
 
 def _assert_same_weights(a, b):
     a, b = checkpoint.load(a), checkpoint.load(b)
-    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
-    for key in a["model_state"]:
-        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], atol=0, rtol=0)
+    assert a.step == b.step and a.epoch == b.epoch
+    for key in a.model_state:
+        torch.testing.assert_close(a.model_state[key], b.model_state[key], atol=0, rtol=0)
     # The whole optimizer state: every moment and step count, and the param groups (learning rates).
-    assert a["optimizer_state"]["param_groups"] == b["optimizer_state"]["param_groups"]
-    assert a["optimizer_state"]["state"].keys() == b["optimizer_state"]["state"].keys()
-    for x, y in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+    assert a.optimizer_state["param_groups"] == b.optimizer_state["param_groups"]
+    assert a.optimizer_state["state"].keys() == b.optimizer_state["state"].keys()
+    for x, y in zip(a.optimizer_state["state"].values(), b.optimizer_state["state"].values()):
         assert x.keys() == y.keys() == {"step", "exp_avg", "exp_avg_sq"}
         for key in x:
             torch.testing.assert_close(x[key], y[key], atol=0, rtol=0)
@@ -54,7 +54,7 @@ def test_stopping_mid_epoch_and_resuming_gives_bitwise_equal_weights(tiny_datase
     assert _train(straight, "--epochs", "2") == 0
     assert _train(split, "--epochs", "2", "--max-steps", "3") == 0  # stops inside epoch 1
     state = checkpoint.load(split / "last.pt")
-    assert state["epoch"] == 0 and state["pass"]["next"] == 3
+    assert state.epoch == 0 and state.position["next"] == 3
     assert _train(split, "--epochs", "2", "--resume", "--max-steps", "8") == 0  # inside epoch 2
     assert _train(split, "--epochs", "2", "--resume", "--set", "max_steps=none") == 0
     _assert_same_weights(straight / "last.pt", split / "last.pt")
@@ -71,7 +71,7 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(tiny_dataset, tmp_path, m
     save = checkpoint.save
 
     def record(payload, path):
-        written.append((path.name, payload["step"], (payload.get("pass") or {}).get("next")))
+        written.append((path.name, payload.step, (payload.position or {}).get("next")))
         return save(payload, path)
 
     monkeypatch.setattr(checkpoint, "save", record)
@@ -121,7 +121,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tin
         pytest.fail(f"seed {seed}: every run ended before its kill")
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    stopped_at = checkpoint.load(killed / "last.pt")["step"]
+    stopped_at = checkpoint.load(killed / "last.pt").step
     print(f"killed after {delay:.2f} of {training_time:.2f} s, last checkpoint at step {stopped_at} (seed {seed})")
 
     done = subprocess.run(_child(killed, *args, "--resume"), capture_output=True, text=True)
@@ -138,7 +138,7 @@ def test_target_bpd_stops_at_the_first_epoch_that_reaches_it(tiny_dataset, tmp_p
     stopped = tmp_path / "stopped"
     assert _train(stopped, "--epochs", "3", "--set", f"target_bpd={first + 1e-6}") == 0
     lines = (stopped / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and checkpoint.load(stopped / "last.pt")["epoch"] == 1
+    assert len(lines) == 1 and checkpoint.load(stopped / "last.pt").epoch == 1
 
 
 # --- Numerical faults ---------------------------------------------------------------------------
@@ -193,8 +193,8 @@ def test_isolated_bad_steps_are_skipped_and_counted(tiny_dataset, tmp_path, faul
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in lines] == [2, 1] and lines[-1]["rollbacks"] == 0
     state = checkpoint.load(out / "last.pt")
-    assert state["step"] == 12 and state["lr_scale"] == 1.0
-    assert all(torch.isfinite(v).all() for v in state["model_state"].values())
+    assert state.step == 12 and state.lr_scale == 1.0
+    assert all(torch.isfinite(v).all() for v in state.model_state.values())
 
 
 def test_a_bad_streak_rolls_back_with_a_lower_learning_rate(tiny_dataset, tmp_path, faulty_coupling):
@@ -202,8 +202,8 @@ def test_a_bad_streak_rolls_back_with_a_lower_learning_rate(tiny_dataset, tmp_pa
     out = tmp_path / "run"
     assert _train(out, "--epochs", "3", "--set", "max_bad_steps=3") == 0
     state = checkpoint.load(out / "last.pt")
-    assert state["step"] == 18 and state["rollbacks"] == 1 and state["lr_scale"] == 0.5
-    assert all(g["lr"] == pytest.approx(0.5 * g["base_lr"]) for g in state["optimizer_state"]["param_groups"])
+    assert state.step == 18 and state.rollbacks == 1 and state.lr_scale == 0.5
+    assert all(g["lr"] == pytest.approx(0.5 * g["base_lr"]) for g in state.optimizer_state["param_groups"])
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Epoch 2 was rolled back to its start (the epoch-1 checkpoint) and trained again in full.
     assert [(r["epoch"], r["skipped_steps"], r["lr_scale"]) for r in lines] == [(1, 0, 1.0), (2, 0, 0.5), (3, 0, 0.5)]
@@ -220,4 +220,4 @@ def test_a_persistent_fault_stops_with_the_step_and_the_layer(tiny_dataset, tmp_
     assert message.startswith("error: training diverged: 3 consecutive non-finite steps ending at step 3;")
     assert "output of layer flow.transforms.2 (AdditiveCoupling)" in message and "after 1 rollback(s)" in message
     state = checkpoint.load(out / "last.pt")  # the last good state is intact and finite
-    assert state["step"] == 0 and all(torch.isfinite(v).all() for v in state["model_state"].values())
+    assert state.step == 0 and all(torch.isfinite(v).all() for v in state.model_state.values())

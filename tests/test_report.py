@@ -16,7 +16,7 @@ from conftest import write_tiny_dataset
 from couplings import data
 from couplings.report import collect as report_collect
 from couplings.cli import main
-from couplings.evaluation import NO_PIXEL_BPD
+from couplings.evaluation import NO_PIXEL_BPD, Evaluation
 from couplings.report import HEADERS, RunSummary, table
 from couplings.report.table import COST, QUALITY, against_pretrained, published_gaps
 
@@ -131,17 +131,17 @@ def test_cells_that_do_not_apply_say_why(tmp_path):
         name="latent", path=tmp_path, history=[{"stage": "autoencoder", "epoch": 2, "elapsed": 60.0},
                                                {"stage": "flow", "epoch": 3, "elapsed": 120.0}],
         config={"model": "latent-realnvp", "model_config": {"conditional": True}, "train": {"seed": 0}},
-        result={"model": "latent-realnvp", "dataset": "mnist", "parameters": 10, "bits_per_dim": None,
-                "sample_quality": {"fid": 1.0, "kid": 2.0, "conditional_accuracy": 0.9, "nearest_train_l2": 3.0}},
+        result=Evaluation("latent-realnvp", "mnist", parameters=10, sample_quality={
+            "fid": 1.0, "kid": 2.0, "conditional_accuracy": 0.9, "nearest_train_l2": 3.0}),
         seconds_per_64={"sampling": 0.1, "inference": 0.2},
     )
     row = dict(zip(HEADERS, table([latent])[0]))
     assert row["test bits/dim"] == row["bits/dim std over dequantization draws"] == NO_PIXEL_BPD
     assert row["epochs"] == "autoencoder 2, flow 3" and row["training wall-clock"] == "2.0 min"
     assert row["conditional accuracy"] == "0.900"
-    latent.result["sample_quality"] = {"fid": 1.0, "kid": 2.0, "nearest_train_l2": 3.0}
+    latent.result.sample_quality = {"fid": 1.0, "kid": 2.0, "nearest_train_l2": 3.0}
     assert dict(zip(HEADERS, table([latent])[0]))["conditional accuracy"] == "unconditional model"
-    del latent.result["sample_quality"]
+    latent.result.sample_quality = None
     assert dict(zip(HEADERS, table([latent])[0]))["FID"] == "not computed (--samples 0)"
 
 
@@ -193,15 +193,15 @@ def test_report_renders_in_a_real_browser(built_report):
 
 def test_each_recipe_gets_one_line_on_its_distance_from_the_published_figure(tmp_path):
     def run(name, seed, model="realnvp", dataset="mnist", bpd=1.2, published=True, num_classes=0):
-        result = {"model": model, "dataset": dataset, "bits_per_dim": bpd, "estimate": "bound, one draw"}
+        result = Evaluation(model, dataset, bits_per_dim=bpd, estimate="bound, one draw")
         if published:
-            result.update(published_bits_per_dim=1.06, published_source="FFJORD paper table")
+            result.published_bits_per_dim, result.published_source = 1.06, "FFJORD paper table"
         return RunSummary(name=name, path=tmp_path, history=[], result=result, seconds_per_64={},
                           config={"model": model, "model_config": {"num_classes": num_classes},
                                   "train": {"seed": seed, "dataset": dataset}})
 
     latent = run("latent", 0, model="latent-realnvp", bpd=None, published=False)
-    latent.result["latent_dimensions"] = 20
+    latent.result.latent_dimensions = 20
     seeds = [run("fast-0", 0, bpd=1.10), run("fast-1", 1, bpd=1.14)]
     fashion = run("fashion", 0, dataset="fashion-mnist", published=False)
     conditional = run("cond", 0, model="glow", bpd=1.08, num_classes=10)
@@ -223,7 +223,7 @@ def test_a_pretrained_model_is_copied_into_a_run_directory_that_loads_like_the_s
     shipped = checkpoint.pretrained_path("nice-small-mnist")
     assert (run / "best.pt").read_bytes() == shipped.read_bytes()
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "nice" and config["model_config"] == checkpoint.load(shipped)["model_config"]
+    assert config["model"] == "nice" and config["model_config"] == checkpoint.load(shipped).model_config
     assert report_collect.as_run_directory(tmp_path / "elsewhere", tmp_path) == tmp_path / "elsewhere"
 
 
@@ -240,7 +240,7 @@ def test_compare_takes_a_pretrained_model_like_a_run(tmp_path):
     out = tmp_path / "report"
     assert main(["compare", "pretrained:nice-small-mnist", "--out", str(out), "--samples", "0", "--draws", "1",
                  "--ood-images", "50", "--device", "cpu"]) == 0
-    stored = checkpoint.load(checkpoint.pretrained_path("nice-small-mnist"))["provenance"]["test_bits_per_dim"]
+    stored = checkpoint.load(checkpoint.pretrained_path("nice-small-mnist")).provenance["test_bits_per_dim"]
     scored = json.loads((out / "pretrained-nice-small-mnist" / "eval.json").read_text())["test"]["bits_per_dim"]
     assert scored == pytest.approx(stored, abs=1e-4)  # the same model, scored on the same test set
     assert "pretrained-nice-small-mnist" in (out / "report.md").read_text()
@@ -265,7 +265,7 @@ def test_short_runs_beside_shipped_models_scored_on_the_same_test_images_two_at_
     assert [(r["num_images"], r["image_limit"]) for r in scored.values()] == [(300, 300)] * 2
     # The evaluation in a worker process is the one this process would have made.
     alone = evaluate_checkpoint(run, num_images=300, samples=0)
-    assert scored["nice-small"]["bits_per_dim"] == pytest.approx(alone["bits_per_dim"], abs=1e-9)
+    assert scored["nice-small"]["bits_per_dim"] == pytest.approx(alone.bits_per_dim, abs=1e-9)
     ours, theirs = scored["nice-small"]["bits_per_dim"], scored["pretrained-nice-small-mnist"]["bits_per_dim"]
     report = (out / "report.md").read_text()
     assert "The first 300 test images of each run's dataset" in report
@@ -279,10 +279,10 @@ def test_short_runs_beside_shipped_models_scored_on_the_same_test_images_two_at_
 
 def test_only_runs_trained_here_are_set_against_the_shipped_model_of_their_kind(tmp_path):
     def run(name, model="realnvp", bpd=1.3, fid=200.0, minutes=5.0, num_classes=0, pretrained=None):
-        result = {"model": model, "dataset": "mnist", "bits_per_dim": bpd, "parameters": 1,
-                  "sample_quality": {"fid": fid, "kid": 0.1, "nearest_train_l2": 1.0}}
+        result = Evaluation(model, "mnist", bits_per_dim=bpd, parameters=1,
+                            sample_quality={"fid": fid, "kid": 0.1, "nearest_train_l2": 1.0})
         if pretrained:
-            result["training_seconds"] = minutes * 60
+            result.training_seconds = minutes * 60
         return RunSummary(name=name, path=tmp_path, result=result, seconds_per_64={"sampling": 0, "inference": 0},
                           history=[] if pretrained else [{"epoch": 1, "elapsed": minutes * 60}],
                           config={"model": model, "model_config": {"num_classes": num_classes}, "train": {}},

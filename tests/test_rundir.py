@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from couplings import checkpoint
+from couplings.evaluation import Evaluation
 from couplings.files import atomic_write
 from couplings.rundir import RunDir, RunDirBusy
 
@@ -34,18 +35,24 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
 
 def test_checkpoints_metrics_and_eval(tmp_path):
     run = RunDir(tmp_path)
-    payload = {"model": "nice", "model_config": {}, "model_state": {"w": torch.ones(2)}}
-    run.save_checkpoint({**payload, "step": 1}, best=True)
-    run.save_checkpoint({**payload, "step": 2}, best=False)
-    assert checkpoint.load(run.last)["step"] == 2 and checkpoint.load(run.best)["step"] == 1
-    assert checkpoint.load(run.previous)["step"] == 1 and run.checkpoints() == [run.last, run.previous, run.best]
+    run.save_checkpoint(checkpoint.Checkpoint("nice", {}, {"w": torch.ones(2)}, step=1), best=True)
+    run.save_checkpoint(checkpoint.Checkpoint("nice", {}, {"w": torch.ones(2)}, step=2), best=False)
+    assert checkpoint.load(run.last).step == 2 and checkpoint.load(run.best).step == 1
+    assert checkpoint.load(run.previous).step == 1 and run.checkpoints() == [run.last, run.previous, run.best]
     for step in (1, 2, 3):
         run.append_metrics({"epoch": step, "step": 10 * step})
     run.forget_metrics_after(20)
     assert [r["step"] for r in run.read_metrics()] == [10, 20]
-    run.update_eval("test", {"bits_per_dim": 2.0})
-    run.update_eval("val", {"bits_per_dim": 2.1})
-    assert json.loads((tmp_path / "eval.json").read_text()) == {"test": {"bits_per_dim": 2.0}, "val": {"bits_per_dim": 2.1}}
+    run.update_eval("test", Evaluation("nice", "tiny", bits_per_dim=2.0))
+    run.update_eval("val", Evaluation("nice", "tiny", "val", bits_per_dim=2.1))
+    assert json.loads((tmp_path / "eval.json").read_text()) == {
+        "test": {"model": "nice", "dataset": "tiny", "split": "test", "bits_per_dim": 2.0},
+        "val": {"model": "nice", "dataset": "tiny", "split": "val", "bits_per_dim": 2.1}}
+    assert run.read_eval()["val"] == Evaluation("nice", "tiny", "val", bits_per_dim=2.1)
+    # A latent model's entry keeps its null bits/dim; an entry with a key no version wrote is refused.
+    assert Evaluation("latent-realnvp", "mnist").to_json()["bits_per_dim"] is None
+    with pytest.raises(ValueError, match=r"unknown keys \['bpd'\]"):
+        Evaluation.from_json({"model": "nice", "dataset": "tiny", "bpd": 2.0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "eval.json", "last.pt", "metrics.jsonl", "previous.pt"]
 
 

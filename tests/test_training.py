@@ -100,11 +100,11 @@ def test_a_second_train_into_a_live_run_is_refused_and_a_killed_run_resumes(tiny
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The kernel released the dead process's lock: resuming works at once.
-    step = checkpoint.load(out / "last.pt")["step"]
+    step = checkpoint.load(out / "last.pt").step
     resumed = subprocess.run(cli_child("train", "nice", "--out", str(out), "--resume", "--max-steps", str(step + 2),
                                        "--quiet"), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    assert checkpoint.load(out / "last.pt")["step"] == step + 2
+    assert checkpoint.load(out / "last.pt").step == step + 2
 
 
 def test_learning_rate_schedules():
@@ -162,13 +162,13 @@ def test_a_run_with_every_fast_learning_option_resumes_exactly_and_evaluates_its
     assert main(["train", "realnvp", "--out", str(split), *FAST, "--max-steps", "5"]) == 0
     assert main(["train", "realnvp", "--out", str(split), "--resume", "--max-steps", "14", "--quiet"]) == 0
     a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
-    assert a["step"] == b["step"] == 14 and a["ema_state"].keys() == a["model_state"].keys()
-    for key in a["model_state"]:
-        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
-        assert torch.equal(a["ema_state"][key], b["ema_state"][key]), key
+    assert a.step == b.step == 14 and a.ema_state.keys() == a.model_state.keys()
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key
+        assert torch.equal(a.ema_state[key], b.ema_state[key]), key
     model, state = checkpoint.load_model(straight / "last.pt")
     averaged = {k: v for k, v in model.state_dict().items()}
-    assert all(torch.equal(averaged[k], state["ema_state"][k]) for k in averaged)  # eval and sampling use them
+    assert all(torch.equal(averaged[k], state.ema_state[k]) for k in averaged)  # eval and sampling use them
     capsys.readouterr()
     assert main(["eval", str(straight), "--samples", "0", "--importance-samples", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -215,7 +215,7 @@ def test_init_from_starts_a_new_run_from_the_weights_of_another(tiny_dataset, tm
     options = {"dataset": "tiny", "val_size": 50, "batch_size": 40, "samples_per_epoch": 4, "ema_decay": 0.9}
     train("nice", first, train_overrides={**options, "max_steps": 3}, model_overrides={"hidden_units": 32},
           size="small", progress=False)
-    averaged = checkpoint.load(first / "best.pt")["ema_state"]
+    averaged = checkpoint.load(first / "best.pt").ema_state
     plan = plan_run("nice", second, train_overrides={**options, "init_from": str(first)},
                     model_overrides={"hidden_units": 32}, size="small")
     start = plan.model_object.state_dict()
@@ -225,13 +225,13 @@ def test_init_from_starts_a_new_run_from_the_weights_of_another(tiny_dataset, tm
     train("nice", second, train_overrides={**options, "init_from": str(first), "max_steps": 1},
           model_overrides={"hidden_units": 32}, size="small", progress=False)
     state = checkpoint.load(second / "last.pt")
-    assert state["step"] == 1 and state["train"]["init_from"] == str(first)  # a fresh optimizer: one step of its own
+    assert state.step == 1 and state.train["init_from"] == str(first)  # a fresh optimizer: one step of its own
 
 
 def test_init_from_a_pretrained_model(tiny_dataset, tmp_path):
     plan = plan_run("nice", tmp_path / "run", size="small",
                     train_overrides={"dataset": "tiny", "val_size": 50, "init_from": "pretrained:nice-small-mnist"})
-    shipped = checkpoint.load(checkpoint.pretrained_path("nice-small-mnist"))["model_state"]
+    shipped = checkpoint.load(checkpoint.pretrained_path("nice-small-mnist")).model_state
     assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped.items())
 
 
@@ -241,8 +241,8 @@ def test_init_from_a_model_with_a_tuple_option(tiny_dataset, tmp_path):
     plan = plan_run("glow", tmp_path / "run", size="fast", model_overrides=conditional,
                     train_overrides={"dataset": "tiny", "val_size": 50, "init_from": "pretrained:glow-cond-mnist"})
     shipped = checkpoint.load(checkpoint.pretrained_path("glow-cond-mnist"))
-    assert isinstance(shipped["model_config"]["image_shape"], tuple)
-    assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped["model_state"].items())
+    assert isinstance(shipped.model_config["image_shape"], tuple)
+    assert all(torch.equal(plan.model_object.state_dict()[k], v.float()) for k, v in shipped.model_state.items())
 
 
 def test_init_from_may_add_or_drop_the_glow_class_loss(tiny_dataset, tmp_path):
@@ -257,7 +257,7 @@ def test_init_from_may_add_or_drop_the_glow_class_loss(tiny_dataset, tmp_path):
     from_source = {**options, "init_from": str(source)}
     start = plan_run("glow", added, size="fast", model_overrides=with_loss, train_overrides=from_source)
     start = start.model_object.state_dict()
-    trained = checkpoint.load(source / "last.pt")["model_state"]
+    trained = checkpoint.load(source / "last.pt").model_state
     assert all(torch.equal(start[k], v) for k, v in trained.items())
     assert start["classifier.weight"].abs().sum() == 0
     assert set(start) - set(trained) == {"classifier.weight", "classifier.bias"}

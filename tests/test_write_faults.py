@@ -171,7 +171,7 @@ def test_resume_refuses_only_when_no_checkpoint_of_the_run_is_intact(finished, t
 
 def test_the_previous_checkpoint_is_kept_beside_the_newest(finished):
     last, previous = checkpoint.load(finished / "last.pt"), checkpoint.load(finished / "previous.pt")
-    assert (last["step"], previous["step"]) == (12, 6)
+    assert (last.step, previous.step) == (12, 6)
 
 
 # --- A refused write at every site -------------------------------------------------------------
@@ -343,5 +343,5 @@ def test_a_sweep_of_kills_at_random_moments_then_resume_ends_bitwise_equal(tiny_
     _assert_same_weights(straight / "last.pt", run / "last.pt")
     assert [r["step"] for r in RunDir(run).read_metrics()] == list(range(6, 121, 6)), seed
     assert not _temporaries(run)
-    assert torch.equal(checkpoint.load(straight / "best.pt")["model_state"]["flow.transforms.0.shift.0.weight"],
-                       checkpoint.load(run / "best.pt")["model_state"]["flow.transforms.0.shift.0.weight"])
+    assert torch.equal(checkpoint.load(straight / "best.pt").model_state["flow.transforms.0.shift.0.weight"],
+                       checkpoint.load(run / "best.pt").model_state["flow.transforms.0.shift.0.weight"])

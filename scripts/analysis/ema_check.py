@@ -12,9 +12,9 @@ from couplings.models import build_model
 payload = checkpoint.load(sys.argv[1])
 val, _ = data.load_split("mnist", "val", 10000)
 test, _ = data.load("mnist", "test")
-print("step", payload["step"], "epoch", payload["epoch"])
+print("step", payload.step, "epoch", payload.epoch)
 for name in ("model_state", "ema_state"):
-    model = build_model(payload["model"], payload["model_config"])
-    model.load_state_dict(payload[name])
+    model = build_model(payload.model, payload.model_config)
+    model.load_state_dict(getattr(payload, name))
     model.eval()
     print(name, "val", round(bits_per_dim(model, val, seed=0), 4), "test", round(bits_per_dim(model, test, seed=0), 4))

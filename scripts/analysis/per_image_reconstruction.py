@@ -34,6 +34,6 @@ for name in sys.argv[1:]:
     errors = per_image_errors(model, images)
     worst = torch.sort(errors, descending=True)
     top = ", ".join(f"{v:.2e} (image {i})" for v, i in zip(worst.values[:5].tolist(), worst.indices[:5].tolist()))
-    print(f"{name}: epoch {state.get('epoch')}, step {state.get('step')}; max {errors.max():.2e}; "
+    print(f"{name}: epoch {state.epoch}, step {state.step}; max {errors.max():.2e}; "
           f"images above 1e-4: {int((errors > 1e-4).sum())} of {len(errors)}; "
           f"above 5e-5: {int((errors > 5e-5).sum())}; median {errors.median():.2e}; worst five: {top}")

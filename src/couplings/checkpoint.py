@@ -8,9 +8,10 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,9 +20,9 @@ from couplings.models import MODELS, Flow, build_model
 
 __all__ = [
     "FORMAT_VERSION",
+    "Checkpoint",
     "CheckpointError",
     "build_model",
-    "evaluation_weights",
     "export_pretrained",
     "export_safetensors",
     "load",
@@ -54,11 +55,103 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, of another format, or does not fit its model."""
 
 
-def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Writes ``payload`` with the format version, behind a header line that holds the archive's
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: the one schema every writer and reader of checkpoints uses.
+
+    A run's checkpoints (``last.pt``, ``best.pt``) hold everything to continue training exactly;
+    an export (`export_pretrained`) holds the first group and its provenance. `from_payload` reads
+    every format couplings has written (1 to `FORMAT_VERSION`); `to_payload` writes the newest,
+    under the same keys, so that older releases' files and today's differ only in what they hold.
+    """
+
+    # What the weights are.
+    model: str
+    model_config: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    size: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)  # the training options (`couplings.config`)
+    hardware: str | None = None
+    ema_state: dict[str, torch.Tensor] | None = None  # Polyak averages, for a run with ema_decay
+    # How far training got.
+    epoch: int = 0  # completed passes (of the current stage, for the latent trainer)
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training, over every invocation
+    # What a resume needs besides the weights (a run's checkpoints only).
+    optimizer_state: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None  # `couplings.training.faults.rng_states`; format 1 kept torch's CPU state only
+    position: dict[str, Any] | None = None  # inside an interrupted pass (`EpochPass.position`); stored as "pass"
+    lr_scale: float = 1.0  # the learning rate's factor after rollbacks
+    rollbacks: int = 0
+    world_size: int = 1  # processes it was trained on (torchrun)
+    best_val_bpd: float | None = None  # pixel trainer: the best validation bits/dim so far
+    stage: str | None = None  # latent trainer: "autoencoder" or "flow"
+    ae_epoch: int | None = None  # latent trainer: completed autoencoder passes
+    best_val_nll: float | None = None  # latent trainer: the best validation NLL of the flow so far
+    # Exports.
+    provenance: dict[str, Any] | None = None
+    stored_half_precision: bool | None = None  # an export's floating-point weights are float16
+    format_version: int = FORMAT_VERSION  # of the file it was read from; `to_payload` writes the newest
+
+    # Keys whose name in the file differs from the field's.
+    KEYS: ClassVar[dict[str, str]] = {"position": "pass"}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights to evaluate, sample and export with: the Polyak averages if the run kept
+        them, else the trained weights. The one place that choice is made."""
+        return self.ema_state or self.model_state
+
+    def description(self) -> dict[str, Any]:
+        """What the weights are, as a run's ``config.json`` begins: model, size, model config,
+        training options and hardware (those it holds)."""
+        values = {"model": self.model, "size": self.size, "model_config": self.model_config, "train": self.train,
+                  "hardware": self.hardware}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def exported(self, provenance: dict[str, Any] | None = None) -> Checkpoint:
+        """What an export keeps: what the weights are, the weights `weights` chooses, how far
+        training got, and ``provenance``; no optimizer, random or averaged state."""
+        return Checkpoint(self.model, self.model_config, self.weights(), size=self.size, train=self.train,
+                          hardware=self.hardware, epoch=self.epoch, step=self.step, elapsed=self.elapsed,
+                          provenance=provenance)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], source: str | os.PathLike = "checkpoint") -> Checkpoint:
+        """The checkpoint in a loaded file's dict, of any format up to `FORMAT_VERSION`.
+
+        Raises:
+            CheckpointError: The dict lacks a required key, is of a newer format, names an unknown
+                model, or holds a key of no format.
+        """
+        missing = [k for k in REQUIRED_KEYS if k not in payload]
+        if missing:
+            raise CheckpointError(f"{source}: missing keys {missing}; expected a couplings checkpoint")
+        version = payload["format_version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"{source}: format version {version!r} is newer than this couplings "
+                                  f"understands ({FORMAT_VERSION}); upgrade couplings")
+        if payload["model"] not in MODELS:
+            raise CheckpointError(f"{source}: unknown model {payload['model']!r}; expected one of {sorted(MODELS)}")
+        values = dict(payload)
+        if "rng_state" in values:  # format 1
+            values["rng"] = {"torch": values.pop("rng_state")}
+        by_key = {cls.KEYS.get(f.name, f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(values) - set(by_key))
+        if unknown:
+            raise CheckpointError(f"{source}: unknown keys {unknown} for a format-{version} couplings checkpoint")
+        return cls(**{by_key[k]: v for k, v in values.items() if v is not None})
+
+    def to_payload(self) -> dict[str, Any]:
+        """The dict a file stores (format `FORMAT_VERSION`): every field that holds something."""
+        values = {self.KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        return {**{k: v for k, v in values.items() if v is not None}, "format_version": FORMAT_VERSION}
+
+
+def save(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Writes ``ckpt`` in the newest format, behind a header line that holds the archive's
     SHA-256 and length (`couplings.files.atomic_write`)."""
     buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    torch.save(ckpt.to_payload(), buffer)
     archive = buffer.getvalue()
     digest = hashlib.sha256(archive).hexdigest()
     return atomic_write(path, HEADER + f" sha256={digest} bytes={len(archive)}\n".encode() + archive)
@@ -105,7 +198,7 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
+def load(path: str | os.PathLike) -> Checkpoint:
     """Loads a checkpoint with ``weights_only=True`` (no code in a pickle ever runs), or a
     safetensors export, and checks it."""
     path = resolve(path)
@@ -119,17 +212,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable couplings checkpoint: {_load_failure(e)}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(payload).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in payload]
-    if missing:
-        raise CheckpointError(f"{path}: missing keys {missing}; expected a couplings checkpoint")
-    if not isinstance(payload["format_version"], int) or payload["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {payload['format_version']!r} is newer than this couplings "
-            f"understands ({FORMAT_VERSION}); upgrade couplings"
-        )
-    if payload["model"] not in MODELS:
-        raise CheckpointError(f"{path}: unknown model {payload['model']!r}; expected one of {sorted(MODELS)}")
-    return payload
+    return Checkpoint.from_payload(payload, path)
 
 
 def _load_failure(error: Exception) -> str:
@@ -144,11 +227,11 @@ def _load_failure(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Flow, dict[str, Any]]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Flow, Checkpoint]:
     """Rebuilds a model from a checkpoint file or run directory alone.
 
     Returns:
-        The model in eval mode on ``device``, and the checkpoint dict.
+        The model in eval mode on ``device``, and the `Checkpoint`.
 
     Examples:
         One of the pretrained models shipped in the package:
@@ -156,25 +239,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         >>> from couplings import load_model
         >>> from couplings.checkpoint import pretrained_path
         >>> model, checkpoint = load_model(pretrained_path("nice-small-mnist"))
-        >>> type(model).__name__, checkpoint["model"], checkpoint["size"], model.training
+        >>> type(model).__name__, checkpoint.model, checkpoint.size, model.training
         ('NICE', 'nice', 'small', False)
         >>> model.sample(2).shape
         torch.Size([2, 1, 28, 28])
     """
-    payload = load(path)
+    ckpt = load(path)
     try:
-        model = build_model(payload["model"], payload["model_config"])
-        model.load_state_dict(evaluation_weights(payload))
+        model = build_model(ckpt.model, ckpt.model_config)
+        model.load_state_dict(ckpt.weights())
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{resolve(path)}: weights do not fit model {payload['model']!r}: "
+        raise CheckpointError(f"{resolve(path)}: weights do not fit model {ckpt.model!r}: "
                               f"{first_mismatch(e)}") from None
-    return model.to(device).eval(), payload
-
-
-def evaluation_weights(payload: dict[str, Any]) -> dict[str, Any]:
-    """The weights a checkpoint is evaluated, sampled and exported with: its Polyak averages if
-    the run kept them (``ema_state``), else its trained weights (``model_state``)."""
-    return payload.get("ema_state") or payload["model_state"]
+    return model.to(device).eval(), ckpt
 
 
 def first_mismatch(error: Exception) -> str:
@@ -206,25 +283,19 @@ def pretrained_path(name: str) -> Path:
     raise CheckpointError(f"no pretrained model {name!r} in {looked}; available: {', '.join(known) or 'none'}{hint}")
 
 
-# What an export keeps of a run's checkpoint besides its weights.
-_EXPORTED = ("model", "size", "model_config", "train", "hardware", "epoch", "step", "elapsed")
-
-
 def export_pretrained(run: str | os.PathLike, path: str | os.PathLike, *, half: bool = False,
                       provenance: dict[str, Any] | None = None) -> Path:
     """Writes a run's best weights (its Polyak averages, if it kept them), without optimizer
-    state, as a small checkpoint.
+    state, as a small checkpoint (`Checkpoint.exported`).
 
     ``half=True`` stores floating-point tensors in float16 (they load back into float32
     parameters); buffers such as ActNorm flags and permutations keep their dtypes.
     """
-    payload = load(run)
-    state = evaluation_weights(payload)
+    export = load(run).exported(provenance or {})
     if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    return save({**{k: payload[k] for k in _EXPORTED if k in payload}, "model_state": state,
-                 "stored_half_precision": half, "provenance": provenance or {}}, path)
-
+        export.model_state = {k: v.half() if v.is_floating_point() else v for k, v in export.model_state.items()}
+    export.stored_half_precision = half
+    return save(export, path)
 
 
 def export_safetensors(run: str | os.PathLike, directory: str | os.PathLike) -> Path:
@@ -233,18 +304,16 @@ def export_safetensors(run: str | os.PathLike, directory: str | os.PathLike) -> 
     `load` and `load_model` read the directory back. Needs the ``safetensors`` package."""
     from safetensors.torch import save as save_tensors
 
-    payload = load(run)
-    state = evaluation_weights(payload)
+    export = load(run).exported()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": "couplings-safetensors", "format_version": FORMAT_VERSION,
-              **{k: payload[k] for k in _EXPORTED if k in payload}}
-    atomic_write(directory / SAFETENSORS, save_tensors({k: v.detach().contiguous().clone() for k, v in state.items()}))
-    atomic_write(directory / SAFETENSORS_CONFIG, json.dumps(config, indent=2) + "\n")
+    config = {k: v for k, v in export.to_payload().items() if k not in ("model_state", "provenance")}
+    atomic_write(directory / SAFETENSORS, save_tensors({k: v.detach().contiguous().clone() for k, v in export.model_state.items()}))
+    atomic_write(directory / SAFETENSORS_CONFIG, json.dumps({"format": "couplings-safetensors", **config}, indent=2) + "\n")
     return directory
 
 
-def _load_safetensors(path: Path) -> dict[str, Any]:
+def _load_safetensors(path: Path) -> Checkpoint:
     """A safetensors export as a checkpoint dict (its config.json beside it says what it holds)."""
     try:
         from safetensors import SafetensorError
@@ -262,4 +331,4 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    return {**{k: v for k, v in config.items() if k != "format"}, "model_state": state}
+    return Checkpoint.from_payload({**{k: v for k, v in config.items() if k != "format"}, "model_state": state}, path)

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from couplings import checkpoint
-from couplings.files import WriteError, append_line, atomic_write, remove_stale_temporaries
+from couplings.evaluation import Evaluation
+from couplings.files import (
+    WriteError,
+    append_line,
+    atomic_write,
+    remove_stale_temporaries,
+)
 from couplings.images import save_grid
 
 __all__ = ["MetricsError", "RunDir", "RunDirBusy", "TornLineWarning"]
@@ -124,7 +130,7 @@ class RunDir:
     # ---- checkpoints ---------------------------------------------------------------------
 
     @_writes
-    def save_checkpoint(self, payload: dict[str, Any], *, best: bool) -> None:
+    def save_checkpoint(self, ckpt: checkpoint.Checkpoint, *, best: bool) -> None:
         """Writes ``last.pt``, keeping the one it replaces as ``previous.pt``; when ``best``, the
         file is written as ``best.pt`` first and ``last.pt`` then points at it. ``previous.pt``
         and ``last.pt`` are swapped in as hard links (no copy) by a rename, so every name always
@@ -132,10 +138,10 @@ class RunDir:
         intact state from which a resume redoes the same steps."""
         if self.last.is_file():
             self._link(self.last, self.previous)
-        checkpoint.save(payload, self.best if best else self.last)
+        checkpoint.save(ckpt, self.best if best else self.last)
         if best:
             self._link(self.best, self.last)
-        self.saved = f"{self.last} (step {payload.get('step', 0)})"
+        self.saved = f"{self.last} (step {ckpt.step})"
 
     def _link(self, source: Path, name: Path) -> None:
         """Points ``name`` at ``source``'s file: a hard link under a temporary name, renamed into
@@ -160,7 +166,7 @@ class RunDir:
         """The run's checkpoint files that exist, newest first by construction: last, previous, best."""
         return [p for p in (self.last, self.previous, self.best) if p.is_file()]
 
-    def newest_intact(self) -> tuple[Path, dict[str, Any], list[tuple[Path, Exception]]]:
+    def newest_intact(self) -> tuple[Path, checkpoint.Checkpoint, list[tuple[Path, Exception]]]:
         """The newest checkpoint of the run that loads, verifies and fits its model (``last.pt``
         if it does, else the later of ``previous.pt`` and ``best.pt``), its contents, and the
         damaged ones met on the way with their errors. Reads only.
@@ -182,7 +188,7 @@ class RunDir:
         if not intact:
             reasons = "; ".join(str(e) for _, e in damaged)
             raise checkpoint.CheckpointError(f"cannot resume {self.path}: no intact checkpoint ({reasons})")
-        path, state = max(intact, key=lambda item: item[1]["step"])
+        path, state = max(intact, key=lambda item: item[1].step)
         return path, state, damaged
 
     @_writes
@@ -264,14 +270,17 @@ class RunDir:
 
     # ---- eval.json -----------------------------------------------------------------------
 
-    def read_eval(self) -> dict[str, Any]:
+    def read_eval(self) -> dict[str, Evaluation]:
+        """``eval.json``'s evaluations by key (``test``, ``val``, ``test@K=16``, ...)."""
         path = self.path / self.EVAL
-        return json.loads(path.read_text()) if path.is_file() else {}
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        return {key: Evaluation.from_json(entry) for key, entry in stored.items()}
 
     @_writes
-    def update_eval(self, key: str, result: dict[str, Any]) -> Path:
+    def update_eval(self, key: str, result: Evaluation) -> Path:
         """Sets ``eval.json[key] = result``, keeping the other entries."""
-        return atomic_write(self.path / self.EVAL, json.dumps({**self.read_eval(), key: result}, indent=2) + "\n")
+        entries = {k: v.to_json() for k, v in {**self.read_eval(), key: result}.items()}
+        return atomic_write(self.path / self.EVAL, json.dumps(entries, indent=2) + "\n")
 
     # ---- .lock ---------------------------------------------------------------------------
 

@@ -100,20 +100,20 @@ def _cmd_eval(args) -> int:
                                  temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                                  importance_samples=args.importance_samples, num_images=args.images,
                                  device=resolve_device(args.device), progress=True)
-    where = f"{result['model']} on {result['dataset']} {args.split} ({result['num_images']} images)"
-    if result["bits_per_dim"] is None:
-        print(f"{where}: {result['bits_per_dim_note']}; latent NLL {result['latent_nll_nats']:.3f} nats "
-              f"({result['latent_dimensions']}-d embedding)")
+    where = f"{result.model} on {result.dataset} {args.split} ({result.num_images} images)"
+    if not result.has_pixel_density:
+        print(f"{where}: {result.bits_per_dim_note}; latent NLL {result.latent_nll_nats:.3f} nats "
+              f"({result.latent_dimensions}-d embedding)")
     else:
-        print(f"{where}: {result['bits_per_dim']:.4f} bits/dim, log-likelihood {result['log_likelihood_nats']:.2f} nats "
-              f"({result['estimate']})")
-    if "reconstruction_max_abs_error" in result:
-        print(f"reconstruction: max |inverse(transform(x)) - x| = {result['reconstruction_max_abs_error']:.2e}")
-    if "published_bits_per_dim" in result:
-        gap = result["bits_per_dim"] - result["published_bits_per_dim"]
-        print(f"published: {result['published_bits_per_dim']:.3f} bits/dim ({result['published_source']}); "
+        print(f"{where}: {result.bits_per_dim:.4f} bits/dim, log-likelihood {result.log_likelihood_nats:.2f} nats "
+              f"({result.estimate})")
+    if result.reconstruction_max_abs_error is not None:
+        print(f"reconstruction: max |inverse(transform(x)) - x| = {result.reconstruction_max_abs_error:.2e}")
+    if result.published_bits_per_dim is not None:
+        gap = result.bits_per_dim - result.published_bits_per_dim
+        print(f"published: {result.published_bits_per_dim:.3f} bits/dim ({result.published_source}); "
               f"this run is {gap:+.4f} bits/dim from it")
-    quality = result.get("sample_quality", {})
+    quality = result.sample_quality or {}
     if "fid" in quality:
         line = (f"{quality['num_samples']} samples at T={quality['temperature']}: FID {quality['fid']:.3f}, "
                 f"KID {quality['kid']:.5f}, precision {quality['precision']:.3f}, recall {quality['recall']:.3f}, "
@@ -126,10 +126,10 @@ def _cmd_eval(args) -> int:
         print(f"sample quality skipped: {quality['skipped']}")
     if args.pretrained:
         return 0  # eval.json belongs in run directories; the package's pretrained models stay as shipped
-    key = args.split if args.dataset is None else f"{result['dataset']}-{args.split}"
+    key = args.split if args.dataset is None else f"{result.dataset}-{args.split}"
     key = key if args.temperature == 1.0 else f"{key}@T={args.temperature:g}"
     key = key if args.importance_samples == 1 else f"{key}@K={args.importance_samples}"
-    eval_path = RunDir(Path(result["checkpoint"]).parent).update_eval(key, result)
+    eval_path = RunDir(Path(result.checkpoint).parent).update_eval(key, result)
     print(f"wrote {eval_path}", file=sys.stderr)
     return 0
 
@@ -193,10 +193,9 @@ def _cmd_interpolate(args) -> int:
     device = resolve_device(args.device)
     model, state = checkpoint.load_model(args.run, device)
     if not model.has_pixel_density or model.conditional:
-        raise ConfigError(f"{state['model']} is {'class-conditional' if model.conditional else 'a lossy embedding'}; "
+        raise ConfigError(f"{state.model} is {'class-conditional' if model.conditional else 'a lossy embedding'}; "
                           "interpolate needs an unconditional invertible pixel model")
-    train_config = state.get("train", {})
-    images, _ = data.load(train_config.get("dataset", "mnist"), "test")
+    images, _ = data.load(state.train.get("dataset", "mnist"), "test")
     generator = torch.Generator().manual_seed(args.seed)
     chosen = torch.randperm(len(images), generator=generator)[: 2 * args.pairs]
     x = dequantize(torch.as_tensor(data.with_channels(images[chosen.numpy()])), generator).to(device)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from couplings import checkpoint, data
+from couplings.evaluation import Evaluation, evaluate_checkpoint
 from couplings.files import atomic_write
-from couplings.evaluation import evaluate_checkpoint
 from couplings.likelihood import dequantize, log_probs, nats_to_bits_per_dim
 from couplings.report.figures import sample_figures
 from couplings.rundir import RunDir
@@ -39,7 +39,7 @@ class RunSummary:
     path: Path
     config: dict  # config.json
     history: list[dict]  # metrics.jsonl
-    result: dict  # the run's eval.json["test"], with the dequantization draws added
+    result: Evaluation  # the run's eval.json["test"], with the dequantization draws added
     seconds_per_64: dict[str, float]  # "sampling" and "inference", on the report's device
     ood: dict | None = None  # per-image bits/dim in and out of distribution
     figures: dict[str, Path] = field(default_factory=dict)
@@ -47,7 +47,7 @@ class RunSummary:
 
     @property
     def has_pixel_density(self) -> bool:
-        return self.result.get("bits_per_dim") is not None
+        return self.result.has_pixel_density
 
     def group_key(self) -> str:
         """Runs with the same key are seeds of one recipe; a shipped model is a row of its own."""
@@ -79,29 +79,29 @@ def as_run_directory(run: str | Path, out: Path) -> Path:
     directory.path.mkdir(parents=True, exist_ok=True)
     if not directory.best.is_file() or directory.best.read_bytes() != source.read_bytes():
         atomic_write(directory.best, source.read_bytes())
-        directory.write_config({k: payload[k] for k in ("model", "size", "model_config", "train", "hardware") if k in payload})
+        directory.write_config(payload.description())
     return directory.path
 
 
-def _eval_is_current(entry: dict | None, run: Path, samples: int, test_images: int | None) -> bool:
+def _eval_is_current(entry: Evaluation | None, run: Path, samples: int, test_images: int | None) -> bool:
     """A stored test evaluation counts if it scored this run's checkpoint, after the checkpoint
     was last written, on as many test images and with as many samples as asked for."""
     if not entry:
         return False
     ckpt = checkpoint.resolve(run)
     eval_file = run / RunDir.EVAL
-    quality = entry.get("sample_quality", {})
+    quality = entry.sample_quality or {}
     drawn = quality.get("num_samples", 0) if "fid" in quality else 0
     return (
-        Path(entry.get("checkpoint", "")).resolve() == ckpt.resolve()
+        Path(entry.checkpoint or "").resolve() == ckpt.resolve()
         and eval_file.stat().st_mtime >= ckpt.stat().st_mtime
-        and entry.get("image_limit") == test_images
-        and (drawn == samples or (samples == 0 and "sample_quality" not in entry) or "skipped" in quality)
+        and entry.image_limit == test_images
+        and (drawn == samples or (samples == 0 and entry.sample_quality is None) or "skipped" in quality)
     )
 
 
 def _evaluated(run: Path, *, samples: int, draws: int, test_images: int | None, device: torch.device,
-               progress: bool = False) -> dict:
+               progress: bool = False) -> Evaluation:
     """The run's test evaluation with its ``draws`` dequantization draws of bits/dim: read from
     its ``eval.json`` when current, otherwise computed and stored there."""
     run_dir = RunDir(run)
@@ -109,26 +109,26 @@ def _evaluated(run: Path, *, samples: int, draws: int, test_images: int | None, 
     if not _eval_is_current(result, run, samples, test_images):
         _log(f"evaluating {run} on the test set ({samples} samples)")
         result = evaluate_checkpoint(run, samples=samples, num_images=test_images, device=device, progress=progress)
-    if result.get("bits_per_dim") is not None and draws == 1:
-        result["bits_per_dim_draws"] = [result["bits_per_dim"]]
-    elif result.get("bits_per_dim") is not None and len(result.get("bits_per_dim_draws", [])) < draws:
+    if result.has_pixel_density and draws == 1:
+        result.bits_per_dim_draws = [result.bits_per_dim]
+    elif result.has_pixel_density and len(result.bits_per_dim_draws or []) < draws:
         _log(f"{run}: test bits/dim under {draws} dequantization draws")
         model, _ = checkpoint.load_model(run, device)
         images, labels = _test_images(result)
-        result["bits_per_dim_draws"] = [
-            result["bits_per_dim"] if seed == 0 else
+        result.bits_per_dim_draws = [
+            result.bits_per_dim if seed == 0 else
             nats_to_bits_per_dim(float(log_probs(model, images, seed=seed, labels=labels if model.conditional else None)
-                                       .mean()), result["dimensions"])
+                                       .mean()), result.dimensions)
             for seed in range(draws)
         ]
     run_dir.update_eval("test", result)
     return result
 
 
-def _test_images(result: dict):
+def _test_images(result: Evaluation):
     """The test images (and labels) that ``result`` scored."""
-    images, labels = data.load(result["dataset"], "test")
-    return images[: result["num_images"]], labels[: result["num_images"]]
+    images, labels = data.load(result.dataset, "test")
+    return images[: result.num_images], labels[: result.num_images]
 
 
 def _evaluate_in_worker(run: str, samples: int, draws: int, test_images: int | None, threads: int) -> None:
@@ -204,9 +204,9 @@ def summarize_run(
     }
     summary = RunSummary(run.name, run, config, run_dir.read_metrics(), result, timing)
     summary.figures = sample_figures(model, summary, images, out, index, device)
-    other = ood_dataset or OOD_COUNTERPART.get(result["dataset"])
+    other = ood_dataset or OOD_COUNTERPART.get(result.dataset)
     if summary.has_pixel_density and other and not model.conditional:  # p(x | y) needs labels the other set lacks
-        summary.ood = _ood_bits_per_dim(model, result["dataset"], other, ood_images)
+        summary.ood = _ood_bits_per_dim(model, result.dataset, other, ood_images)
     return summary
 
 

@@ -52,22 +52,22 @@ def _epochs(history: list[dict]) -> str:
 def _values(run: RunSummary) -> dict:
     """The row of one run: numbers where they apply, otherwise the reason they do not."""
     result, history = run.result, run.history
-    quality = result.get("sample_quality")
+    quality = result.sample_quality
     if quality is None:
         no_quality = "not computed (--samples 0)"
     elif "skipped" in quality:
-        no_quality = f"skipped: no feature classifier for {result['dataset']}"
+        no_quality = f"skipped: no feature classifier for {result.dataset}"
     else:
         no_quality = None
-    draws = result.get("bits_per_dim_draws", [])
+    draws = result.bits_per_dim_draws or []
     speeds = [h["images_per_s"] for h in history if "images_per_s" in h]
     return {
         "run": run.name,
-        "model": result["model"],
-        "dataset": result["dataset"],
-        "parameters": result["parameters"],
-        "test bits/dim": result["bits_per_dim"] if run.has_pixel_density else NO_PIXEL_BPD,
-        "test log-likelihood (nats)": result.get("log_likelihood_nats", NO_PIXEL_BPD),
+        "model": result.model,
+        "dataset": result.dataset,
+        "parameters": result.parameters,
+        "test bits/dim": result.bits_per_dim if run.has_pixel_density else NO_PIXEL_BPD,
+        "test log-likelihood (nats)": NO_PIXEL_BPD if result.log_likelihood_nats is None else result.log_likelihood_nats,
         "bits/dim std over dequantization draws": (
             statistics.stdev(draws) if len(draws) > 1 else
             NO_PIXEL_BPD if not run.has_pixel_density else "one draw"),
@@ -77,8 +77,8 @@ def _values(run: RunSummary) -> dict:
         "nearest-train L2": no_quality or quality["nearest_train_l2"],
         # a shipped model has no metrics.jsonl; its checkpoint says how long it trained
         "training wall-clock": (history[-1]["elapsed"] / 60 if history else
-                                result["training_seconds"] / 60 if result.get("training_seconds") else "no metrics.jsonl"),
-        "epochs": _epochs(history) if history else result.get("epoch") or "n/a",
+                                result.training_seconds / 60 if result.training_seconds else "no metrics.jsonl"),
+        "epochs": _epochs(history) if history else result.epoch or "n/a",
         "training hardware": run.config.get("hardware") or "unknown",
         "training images/s": statistics.median(speeds) if speeds else "no metrics.jsonl",
         "sampling s / 64 images": run.seconds_per_64["sampling"],
@@ -135,28 +135,28 @@ def published_gaps(runs: list[RunSummary]) -> list[str]:
     for members in _recipes(runs):
         first = members[0].result
         name = members[0].name + (f" and {len(members) - 1} more seeds" if len(members) > 1 else "")
-        if first.get("bits_per_dim") is None:
-            lines.append(f"{name} ({first['model']}): no published figure to compare with; its likelihood is of "
-                         f"{first.get('latent_dimensions', 'the')}-d embeddings, not of pixels")
-        elif "published_bits_per_dim" not in first:
-            lines.append(f"{name} ({first['model']} on {first['dataset']}): no published figure for this model "
+        if not first.has_pixel_density:
+            lines.append(f"{name} ({first.model}): no published figure to compare with; its likelihood is of "
+                         f"{first.latent_dimensions or 'the'}-d embeddings, not of pixels")
+        elif first.published_bits_per_dim is None:
+            lines.append(f"{name} ({first.model} on {first.dataset}): no published figure for this model "
                          f"on this dataset")
         else:
-            ours = statistics.mean(r.result["bits_per_dim"] for r in members)
-            published, gap = first["published_bits_per_dim"], ours - first["published_bits_per_dim"]
+            ours = statistics.mean(r.result.bits_per_dim for r in members)
+            published, gap = first.published_bits_per_dim, ours - first.published_bits_per_dim
             where = "above" if gap > 0 else "below"
-            estimate = f", {first['estimate']}" if "estimate" in first else ""
+            estimate = f", {first.estimate}" if first.estimate else ""
             conditional = members[0].config.get("model_config", {}).get("num_classes", 0) > 0
             caveat = ("; of p(x | y), the label given, against a published figure of p(x), so not like for like"
                       if conditional else "")
-            lines.append(f"{name} ({first['model']}): {ours:.3f} bits/dim{estimate}, against the published {published:.3f} "
-                         f"({first['published_source']}), {abs(gap):.3f} {where} it ({abs(gap) / published:.1%}){caveat}")
+            lines.append(f"{name} ({first.model}): {ours:.3f} bits/dim{estimate}, against the published {published:.3f} "
+                         f"({first.published_source}), {abs(gap):.3f} {where} it ({abs(gap) / published:.1%}){caveat}")
     return lines
 
 
 def _kind(run: RunSummary) -> tuple:
     conditional = (run.config.get("model_config") or {}).get("num_classes", 0) > 0
-    return run.result["model"], run.result["dataset"], conditional
+    return run.result.model, run.result.dataset, conditional
 
 
 def against_pretrained(runs: list[RunSummary]) -> list[str]:
@@ -170,7 +170,7 @@ def against_pretrained(runs: list[RunSummary]) -> list[str]:
                 gap = ours["test bits/dim"] - theirs["test bits/dim"]
                 density = f"test bits/dim {ours['test bits/dim']:.3f} against {theirs['test bits/dim']:.3f} ({gap:+.3f})"
             else:
-                ours_nll, theirs_nll = run.result["latent_nll_nats"], shipped.result["latent_nll_nats"]
+                ours_nll, theirs_nll = run.result.latent_nll_nats, shipped.result.latent_nll_nats
                 density = (f"latent NLL {ours_nll:.2f} against {theirs_nll:.2f} nats ({ours_nll - theirs_nll:+.2f}; "
                            "their autoencoders differ, so their latent densities are not of the same thing)")
             quality = (f", FID {ours['FID']:.1f} against {theirs['FID']:.1f}"

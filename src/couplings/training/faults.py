@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from couplings.checkpoint import Checkpoint
 from couplings.rundir import RunDir
 from couplings.training.errors import TrainingError
 from couplings.transforms import Transform
@@ -58,7 +59,10 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    """Restores `rng_states` (a format-1 checkpoint kept torch's CPU state only)."""
     torch.set_rng_state(states["torch"])
+    if "numpy" not in states:
+        return
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
@@ -107,7 +111,7 @@ def locate_fault(model: nn.Module, objective: Callable[[], torch.Tensor]) -> str
 
 
 def roll_back(fault: NumericalFault, faults: FaultCounter, run_dir: RunDir, model: nn.Module,
-              max_rollbacks: int, lr_factor: float) -> dict:
+              max_rollbacks: int, lr_factor: float) -> Checkpoint:
     """After a `NumericalFault`: restores the model and the random states from ``last.pt`` and
     lowers the learning rate by ``lr_factor``, at most ``max_rollbacks`` times; returns the
     checkpoint to continue from.
@@ -121,9 +125,9 @@ def roll_back(fault: NumericalFault, faults: FaultCounter, run_dir: RunDir, mode
             f"the last good state is in {run_dir.last}"
         )
     state = run_dir.newest_intact()[1]
-    model.load_state_dict(state["model_state"])
-    set_rng_states(state["rng"])
+    model.load_state_dict(state.model_state)
+    set_rng_states(state.rng)
     faults.rollbacks += 1
-    faults.lr_scale = state.get("lr_scale", 1.0) * lr_factor
+    faults.lr_scale = state.lr_scale * lr_factor
     faults.bad_streak = 0
     return state

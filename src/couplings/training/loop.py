@@ -1,13 +1,16 @@
-"""The training loop's parts: passes over the data, the budget and signals, the console, and
-`train_pass`, where one training step reads top to bottom."""
+"""The training loop: `run_stage` trains one `Stage` (the pixel trainer has one, the latent
+trainer two) pass by pass, validating, sampling and checkpointing after each; `train_pass`, where
+one training step reads top to bottom; the state they advance (`TrainState`); and the parts they
+share: passes over the data, the budget and signals, the console."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from couplings import distributed
+from couplings.checkpoint import Checkpoint
 from couplings.config import ConfigError, TrainConfig
 from couplings.images import grid
 from couplings.rundir import RunDir
@@ -25,7 +29,7 @@ from couplings.training.errors import StoppedBySignal, TrainingError
 from couplings.training.faults import FaultCounter, locate_fault, rng_states
 from couplings.training.optim import EMA, lr_factor, optimizer_step
 
-__all__ = ["Budget", "Console", "Context", "EpochPass", "start_pass", "train_pass"]
+__all__ = ["Budget", "Console", "Context", "EpochPass", "Stage", "TrainState", "run_stage", "start_pass", "train_pass"]
 
 
 @dataclass
@@ -53,12 +57,12 @@ class EpochPass:
         return self.total / max(self.seen, 1)
 
     def position(self) -> dict:
-        """The checkpoint fields that let `start_pass` continue this pass exactly."""
-        return {"pass": {"index": self.index, "next": self.next, "total": self.total, "seen": self.seen,
-                         "skipped": self.skipped, "generator": self.generator.get_state()}}
+        """What a checkpoint keeps (`Checkpoint.position`) to let `start_pass` continue this pass exactly."""
+        return {"index": self.index, "next": self.next, "total": self.total, "seen": self.seen,
+                "skipped": self.skipped, "generator": self.generator.get_state()}
 
 
-def start_pass(n: int, index: int, cfg: TrainConfig, device: torch.device, state: dict | None) -> EpochPass:
+def start_pass(n: int, index: int, cfg: TrainConfig, device: torch.device, state: Checkpoint | None) -> EpochPass:
     """Pass ``index`` over ``n`` examples in full batches of a permutation drawn from (seed, index)
     alone, so that a resumed run draws exactly what an uninterrupted one would (the ragged last
     batch is dropped; with ``cfg.shuffle`` off, the batches follow the stored order). If
@@ -70,7 +74,7 @@ def start_pass(n: int, index: int, cfg: TrainConfig, device: torch.device, state
     if count == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {n} training examples")
     batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(count)]
-    stored = (state or {}).get("pass")
+    stored = None if state is None else state.position
     if stored is None or stored["index"] != index:
         return EpochPass(index, batches, generator)
     generator.set_state(stored["generator"])
@@ -148,6 +152,55 @@ class Console:
         return tqdm(total=total, initial=initial, desc=desc, disable=not self.progress, leave=False)
 
 
+Objective = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainState:
+    """How far training got: what `run_stage` and `train_pass` advance and every checkpoint keeps."""
+
+    epoch: int = 0  # completed passes of the current stage
+    step: int = 0  # optimizer steps of the whole run
+    best: float = math.inf  # the lowest validation score of the run so far
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint | None, best: float | None) -> TrainState:
+        """The state a checkpoint stopped at (a fresh one for None), with the score it keeps as ``best``."""
+        if ckpt is None:
+            return cls()
+        return cls(ckpt.epoch, ckpt.step, math.inf if best is None else best)
+
+
+@dataclass
+class Stage:
+    """One stage of a trainer: what to minimise, how to check it, and what to keep of it.
+
+    `run_stage` trains it for ``epochs`` passes over ``examples`` training examples, in the
+    model's training mode (``model`` is the part being trained); after each pass it calls
+    ``validate`` (the log's validation fields; the one named ``score`` is tracked as the run's
+    best, lower is better) and ``sample`` (a grid for ``samples/``) in eval mode, under the
+    Polyak averages when ``ema`` is kept.
+    """
+
+    name: str  # the progress bar's word: "epoch", "autoencoder", "flow"
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    epochs: int
+    examples: int
+    validate: Callable[[], dict[str, float]]
+    sample: Callable[[], torch.Tensor]
+    train_fields: Callable[[float], dict[str, float]]  # mean objective -> the log's training fields besides it
+    fields: Callable[[TrainState], dict[str, Any]]  # -> the trainer's own `Checkpoint` fields
+    score: str | None = None  # the key of `validate`'s result that makes best.pt; None: none does
+    ema: EMA | None = None
+    schedule: Callable[[int], float] | None = None  # step -> learning-rate factor; default: the run's (`lr_factor`)
+    passes_before: int = 0  # passes of earlier stages (a pass's index counts across stages)
+    log_fields: dict[str, Any] = field(default_factory=dict)  # written first in each of its log lines
+    sample_rows: int = 8
+    done: Callable[[dict[str, float]], bool] = lambda scores: False  # stop after a pass with these scores
+
+
 @dataclass
 class Context:
     """What a trainer (`couplings.training.pixel`, `couplings.training.latent`) is given: the
@@ -159,31 +212,44 @@ class Context:
     device: torch.device
     train_data: tuple[np.ndarray, np.ndarray]
     val_data: tuple[np.ndarray, np.ndarray]
-    state: dict | None  # the checkpoint to start from (resumed or rolled back to), if any
+    state: Checkpoint | None  # the checkpoint to start from (resumed or rolled back to), if any
     run_dir: RunDir
     budget: Budget
     faults: FaultCounter
     console: Console
     tensorboard: TensorBoard | None = None  # rank 0 of a run trained with --tensorboard
 
-    def checkpoint(self, fields: dict, *, best: bool) -> None:
-        """Writes ``last.pt`` (and ``best.pt`` when ``best``): the run, the model, every random
-        state, the clock, the fault counters and the trainer's own ``fields``. Under torchrun,
+    def snapshot(self, state: TrainState, stage: Stage | None = None, this: EpochPass | None = None) -> Checkpoint:
+        """The run as a `Checkpoint`: what it is, the model, every random state, the clock, the
+        fault counters, ``state``, the stage's optimizer and averages, and the position inside
+        pass ``this`` if it stopped before its end."""
+        ckpt = Checkpoint(
+            **{k: self.run[k] for k in ("model", "size", "model_config", "train", "hardware")},
+            model_state=self.model.state_dict(),
+            epoch=state.epoch,
+            step=state.step,
+            elapsed=self.budget.elapsed(),
+            rng=rng_states(),
+            position=None if this is None or this.complete else this.position(),
+            lr_scale=self.faults.lr_scale,
+            rollbacks=self.faults.rollbacks,
+            world_size=distributed.world_size(),
+        )
+        if stage is not None:
+            ckpt.optimizer_state = stage.optimizer.state_dict()
+            ckpt.ema_state = None if stage.ema is None else stage.ema.state_dict()
+            for name, value in stage.fields(state).items():
+                setattr(ckpt, name, value)
+        return ckpt
+
+    def checkpoint(self, state: TrainState, stage: Stage | None = None, this: EpochPass | None = None, *,
+                   best: bool = False) -> None:
+        """Writes `snapshot` as ``last.pt`` (and ``best.pt`` when ``best``). Under torchrun,
         rank 0 writes it, after checking that every rank holds the same weights."""
         if not distributed.in_sync(self.model):
             raise TrainingError(f"the {distributed.world_size()} processes no longer hold the same weights; "
                                 "this is a bug in couplings, please report it")
-        self.run_dir.save_checkpoint({
-            **{k: self.run[k] for k in ("model", "size", "model_config", "train", "hardware")},
-            "model_state": self.model.state_dict(),
-            "rng": rng_states(),
-            "elapsed": self.budget.elapsed(),
-            "lr_scale": self.faults.lr_scale,
-            "rollbacks": self.faults.rollbacks,
-            "world_size": distributed.world_size(),
-            "pass": None,  # overwritten by a pass's position when it stops mid-epoch
-            **fields,
-        }, best=best)
+        self.run_dir.save_checkpoint(self.snapshot(state, stage, this), best=best)
 
     def log(self, record: dict) -> None:
         """Appends an epoch's line to ``metrics.jsonl``, with the run's elapsed seconds (and
@@ -201,54 +267,84 @@ class Context:
             self.tensorboard.samples(picture.unsqueeze(0) if picture.dim() == 2 else picture.permute(2, 0, 1), step)
 
 
-Objective = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+def run_stage(ctx: Context, stage: Stage, state: TrainState) -> TrainState:
+    """Trains ``stage`` from ``state`` until its ``epochs`` passes are done, the budget is spent
+    or ``stage.done``; returns the state it got to.
+
+    A pass continues from the checkpoint's position if the checkpoint stopped inside it. Each
+    pass, whole or stopped, is validated, logged (``metrics.jsonl``), sampled and checkpointed
+    (as ``best.pt`` too when its score is the best so far).
+    """
+    while state.epoch < stage.epochs and not ctx.budget.spent(state.step):
+        stage.model.train()
+        this = start_pass(stage.examples, stage.passes_before + state.epoch + 1, ctx.cfg, ctx.device, ctx.state)
+        seen_before, started = this.seen, time.perf_counter()
+        train_pass(ctx, stage, this, state)
+        seconds, seen = time.perf_counter() - started, this.seen - seen_before
+        state.epoch += this.complete
+        ctx.model.eval()
+        with stage.ema.applied(ctx.model) if stage.ema is not None else nullcontext():
+            scores = stage.validate()
+            samples = stage.sample()
+        score = scores[stage.score] if stage.score else math.inf
+        improved = score < state.best
+        state.best = min(state.best, score)
+        train = stage.train_fields(this.mean_loss())
+        ctx.log({**stage.log_fields, "epoch": this.index - stage.passes_before, "step": state.step,
+                 "partial_epoch": not this.complete, "train_loss": this.mean_loss(), **train, **scores, "seconds": seconds,
+                 "images_per_s": seen / seconds if seconds > 0 else None, "skipped_steps": this.skipped,
+                 "rollbacks": ctx.faults.rollbacks, "lr_scale": ctx.faults.lr_scale})
+        ctx.save_samples(samples, this.index, state.step, nrow=stage.sample_rows)
+        ctx.checkpoint(state, stage, this, best=improved)
+        numbers = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in {**train, **scores}.items())
+        ctx.console.say(f"{stage.name} {this.index - stage.passes_before}: {numbers}{' (best)' if improved else ''}, "
+                        f"{seen / seconds if seconds > 0 else 0:.0f} images/s, {seconds:.1f} s")
+        if stage.done(scores):
+            break
+    return state
 
 
-def train_pass(ctx: Context, optimizer: torch.optim.Optimizer, this: EpochPass, objective: Objective, *,
-               step: int, desc: str, postfix: Callable[[float], str], fields: Callable[[int], dict],
-               ema: EMA | None = None, schedule: Callable[[int], float] | None = None) -> int:
-    """Trains on the rest of pass ``this`` until it ends or the budget is spent; returns the step.
+def train_pass(ctx: Context, stage: Stage, this: EpochPass, state: TrainState,
+               postfix: Callable[[float], str] | None = None) -> None:
+    """Trains ``stage`` on the rest of pass ``this`` until it ends or the budget is spent,
+    advancing ``state.step``; checkpoints every ``checkpoint_every`` steps inside the pass.
 
-    Args:
-        objective: ``(batch indices, noise generator) -> (loss, loss plus any penalty)``; the
-            second is minimised, the first averaged for the log. The indices are the global
-            batch; under torchrun each rank's objective takes its share (`couplings.distributed.shard`)
-            of them and of any noise drawn for the whole batch.
-        postfix: Mean loss so far -> the text beside the progress bar.
-        fields: ``step -> dict`` of the trainer's checkpoint fields, for the checkpoints written
-            every ``checkpoint_every`` steps inside the pass.
-        ema: Polyak averages to update after every step that was taken.
-        schedule: ``step -> learning rate as a multiple of the optimizer's``; by default the run's
-            warm-up and schedule (`couplings.training.optim.lr_factor`) counted from step 0.
+    ``stage.objective`` is ``(batch indices, noise generator) -> (loss, loss plus any penalty)``;
+    the second is minimised, the first averaged for the log. The indices are the global batch;
+    under torchrun each rank's objective takes its share (`couplings.distributed.shard`) of them
+    and of any noise drawn for the whole batch. ``postfix`` (mean loss -> text) is shown beside
+    the progress bar; by default the stage's training fields.
 
     Raises:
         NumericalFault: ``max_bad_steps`` steps in a row were skipped as non-finite.
     """
-    cfg = ctx.cfg
+    cfg, step = ctx.cfg, state.step
+    postfix = postfix or (lambda mean: ", ".join(f"{k.split('_')[-1]}={v:.3f}" for k, v in stage.train_fields(mean).items()))
+    desc = f"{stage.name} {this.index - stage.passes_before}/{stage.epochs}"
     with ctx.console.bar(len(this.batches), this.next, desc) as bar:
         while not this.complete and not ctx.budget.spent(step):
             idx = this.batches[this.next]
-            loss, total = objective(idx, this.generator)
-            factor = (schedule(step) if schedule else lr_factor(cfg, step, len(this.batches))) * ctx.faults.lr_scale
-            grad_norm = optimizer_step(optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
+            loss, total = stage.objective(idx, this.generator)
+            factor = (stage.schedule(step) if stage.schedule else lr_factor(cfg, step, len(this.batches))) * ctx.faults.lr_scale
+            grad_norm = optimizer_step(stage.optimizer, total, grad_clip=cfg.grad_clip, lr_factor=factor)
             good = grad_norm is not None
             distributed.broadcast_buffers(ctx.model)  # batch-norm running averages: rank 0's
             step, this.next = step + 1, this.next + 1
+            state.step = step
             bar.update()
             if good:
-                if ema is not None:
-                    ema.update(ctx.model, step)
+                if stage.ema is not None:
+                    stage.ema.update(ctx.model, step)
                 value = distributed.average(loss)  # the global batch's mean
                 this.total, this.seen = this.total + value * len(idx), this.seen + len(idx)
                 if ctx.tensorboard is not None:
-                    ctx.tensorboard.step(step, value, optimizer.param_groups[0]["lr"], grad_norm)
+                    ctx.tensorboard.step(step, value, stage.optimizer.param_groups[0]["lr"], grad_norm)
             else:
                 this.skipped += 1
                 ctx.console.say(f"step {step}: non-finite loss or gradient, step skipped")
-            ctx.faults.count(good, step, lambda: locate_fault(ctx.model, lambda: objective(idx, this.generator)[1]))
+            ctx.faults.count(good, step, lambda: locate_fault(ctx.model, lambda: stage.objective(idx, this.generator)[1]))
             if this.next % 10 == 1 and this.seen:
                 bar.set_postfix_str(postfix(this.mean_loss()))
             every = cfg.checkpoint_every
             if every and step % every == 0 and not this.complete and ctx.faults.bad_streak == 0:
-                ctx.checkpoint({**fields(step), **this.position()}, best=False)
-    return step
+                ctx.checkpoint(state, stage, this)

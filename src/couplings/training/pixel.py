@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +17,18 @@ from couplings.distributed import max_over_ranks, shard
 from couplings.likelihood import bits_per_dim, nats_to_bits_per_dim
 from couplings.models.base import at_least_float32
 from couplings.sampling import sample_labels
-from couplings.training.loop import Context, start_pass, train_pass
+from couplings.training.loop import Context, Stage, TrainState, run_stage
 from couplings.training.optim import EMA, make_adam
 
-__all__ = ["discriminative_loss", "fit", "pixel_objective", "probe_precision", "training_nll", "training_terms"]
+__all__ = ["discriminative_loss", "fit", "pixel_objective", "pixel_stage", "probe_precision", "training_nll", "training_terms"]
 
 # precision=auto takes bf16 only where it is at least this much faster than float32.
 BF16_MIN_SPEEDUP = 1.1
 
 
 def fit(ctx: Context) -> None:
-    """Trains until ``epochs`` epochs are done, the budget is spent or ``target_bpd`` is reached.
+    """Trains until ``epochs`` epochs are done, the budget is spent or ``target_bpd`` is reached
+    (`couplings.training.loop.run_stage`, with the stage of `pixel_stage`).
 
     A checkpoint's ``epoch`` counts completed epochs; one that stopped inside an epoch also
     holds that pass's position, and the next start continues it from the next batch. A stopped
@@ -36,68 +36,49 @@ def fit(ctx: Context) -> None:
     averages of the weights are validated, sampled and stored beside the weights (``ema_state``;
     `couplings.checkpoint.load_model` loads them).
     """
-    model, cfg, state = ctx.model, ctx.cfg, ctx.state or {}
+    state = TrainState.of(ctx.state, None if ctx.state is None else ctx.state.best_val_bpd)
+    run_stage(ctx, pixel_stage(ctx), state)
+
+
+def pixel_stage(ctx: Context, val_images: int | None = None, val_seed: int | None = None) -> Stage:
+    """The one stage of a pixel-space model: Adam (and Polyak averages, with ``ema_decay``) from
+    ``ctx.state`` if it has them, on `pixel_objective`; validated in bits/dim on the first
+    ``val_images`` validation images (all by default) with dequantization seed ``val_seed`` (the
+    run's seed by default); samples as the run asks."""
+    model, cfg, state = ctx.model, ctx.cfg, ctx.state
     optimizer = make_adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                           weight_decay=cfg.weight_decay, kernel=cfg.adam)
-    if "optimizer_state" in state:
-        optimizer.load_state_dict(state["optimizer_state"])
+    if state is not None and state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    if ema is not None and "ema_state" in state:
-        ema.load_state_dict(state["ema_state"])
-    epoch, step, best = state.get("epoch", 0), state.get("step", 0), state.get("best_val_bpd", math.inf)
+    if ema is not None and state is not None and state.ema_state is not None:
+        ema.load_state_dict(state.ema_state)
     pixels = torch.as_tensor(with_channels(ctx.train_data[0])).to(ctx.device)  # (N, C, H, W)
     labels = torch.as_tensor(ctx.train_data[1]).long().to(ctx.device) if model.conditional else None
-    val_labels = ctx.val_data[1] if model.conditional else None
+    val_pixels, val_labels = ctx.val_data[0][:val_images], ctx.val_data[1][:val_images] if model.conditional else None
     dim = math.prod(pixels.shape[1:])
-    objective = pixel_objective(model, cfg, pixels, ctx.device, labels)
 
-    def fields(step):
-        averaged = {} if ema is None else {"ema_state": ema.state_dict()}
-        return {"optimizer_state": optimizer.state_dict(), "epoch": epoch, "step": step, "best_val_bpd": best, **averaged}
+    def validate():
+        return {"val_bpd": bits_per_dim(model, val_pixels, batch_size=cfg.eval_batch_size,
+                                        seed=cfg.seed if val_seed is None else val_seed, labels=val_labels)}
 
-    while epoch < cfg.epochs and not ctx.budget.spent(step):
-        model.train()
-        this = start_pass(len(pixels), epoch + 1, cfg, ctx.device, ctx.state)
-        seen_before, started = this.seen, time.perf_counter()
-        step = train_pass(ctx, optimizer, this, objective, step=step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                          postfix=lambda nll: f"bpd={nats_to_bits_per_dim(-nll, dim):.3f}", fields=fields, ema=ema)
-        seconds, seen = time.perf_counter() - started, this.seen - seen_before
-        epoch += this.complete
-        train_bpd = nats_to_bits_per_dim(-this.mean_loss(), dim)
-        model.eval()
-        with ema.applied(model) if ema is not None else nullcontext():
-            val_bpd = bits_per_dim(model, ctx.val_data[0], batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                   labels=val_labels)
-            samples = model.sample(cfg.samples_per_epoch, sample_labels(model, cfg.samples_per_epoch))
-        improved = val_bpd < best
-        best = min(best, val_bpd)
-        ctx.log({
-            "epoch": this.index,
-            "step": step,
-            "partial_epoch": not this.complete,
-            "train_loss": this.mean_loss(),
-            "train_bpd": train_bpd,
-            "val_bpd": val_bpd,
-            "seconds": seconds,
-            "images_per_s": seen / seconds if seconds > 0 else None,
-            "skipped_steps": this.skipped,
-            "rollbacks": ctx.faults.rollbacks,
-            "lr_scale": ctx.faults.lr_scale,
-        })
-        ctx.save_samples(samples, this.index, step)
-        ctx.checkpoint({**fields(step), **({} if this.complete else this.position())}, best=improved)
-        ctx.console.say(
-            f"epoch {this.index}: train {train_bpd:.4f} bpd, val {val_bpd:.4f} bpd{' (best)' if improved else ''}, "
-            f"{seen / seconds:.0f} images/s, {seconds:.1f} s"
-        )
-        if cfg.target_bpd is not None and val_bpd <= cfg.target_bpd:
-            ctx.console.say(f"reached the target {cfg.target_bpd} bits/dim after {ctx.budget.elapsed() / 60:.1f} min")
-            break
+    def done(scores):
+        if cfg.target_bpd is None or scores["val_bpd"] > cfg.target_bpd:
+            return False
+        ctx.console.say(f"reached the target {cfg.target_bpd} bits/dim after {ctx.budget.elapsed() / 60:.1f} min")
+        return True
+
+    return Stage(
+        "epoch", model, optimizer, pixel_objective(model, cfg, pixels, ctx.device, labels), cfg.epochs, len(pixels),
+        validate=validate,
+        sample=lambda: model.sample(cfg.samples_per_epoch, sample_labels(model, cfg.samples_per_epoch)),
+        train_fields=lambda nll: {"train_bpd": nats_to_bits_per_dim(-nll, dim)},
+        fields=lambda state: {"best_val_bpd": state.best}, score="val_bpd", ema=ema, done=done)
 
 
 def pixel_objective(model, cfg: PixelTrainConfig, pixels: torch.Tensor, device: torch.device,
                     labels: torch.Tensor | None = None):
-    """The objective of `couplings.training.loop.train_pass` for 8-bit ``pixels`` (N, C, H, W)
+    """The objective of a `couplings.training.loop.Stage` for 8-bit ``pixels`` (N, C, H, W)
     (and their ``labels``, for a class-conditional model): ``(batch indices, generator) -> (loss,
     loss + penalty)``, the loss the negative dequantization bound of the batch (noise drawn from
     the pass's generator), the penalty Real NVP's L2 on the weight-norm scales."""

@@ -15,15 +15,27 @@ import numpy as np
 import torch
 
 from couplings import checkpoint, data, distributed
-from couplings.config import ConfigError, TrainConfig, apply_overrides, format_value, from_stored
+from couplings.checkpoint import Checkpoint
+from couplings.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    format_value,
+    from_stored,
+)
 from couplings.files import WriteError
 from couplings.hardware import describe, resolve_device
 from couplings.models import MODELS, Flow, build_model
 from couplings.rundir import RunDir
 from couplings.tensorboard import TensorBoard, check_available
 from couplings.training.errors import TrainingError
-from couplings.training.faults import FaultCounter, NumericalFault, roll_back, set_rng_states
-from couplings.training.loop import Budget, Console, Context
+from couplings.training.faults import (
+    FaultCounter,
+    NumericalFault,
+    roll_back,
+    set_rng_states,
+)
+from couplings.training.loop import Budget, Console, Context, TrainState
 from couplings.training.pixel import probe_precision
 from couplings.transforms.base import set_share_mean
 
@@ -44,7 +56,7 @@ class RunPlan:
     model_config: dict[str, Any]
     cfg: TrainConfig
     run_dir: RunDir
-    state: dict | None  # last.pt of a resumed run
+    state: Checkpoint | None  # last.pt of a resumed run
     model_object: Flow  # built (new run) or loaded from last.pt (resumed run)
     train_data: tuple[np.ndarray, np.ndarray] | None = None
     val_data: tuple[np.ndarray, np.ndarray] | None = None
@@ -217,15 +229,15 @@ def _load_initial_weights(model_name: str, model_config: dict, model: Flow, sour
         payload = checkpoint.load(checkpoint.pretrained_path(name) if name != source else source)
     except checkpoint.CheckpointError as e:
         raise ConfigError(f"init_from={source}: {e}") from None
-    if payload["model"] != model_name:
-        raise ConfigError(f"init_from={source}: it holds a {payload['model']!r} model, not a {model_name!r} one")
-    ours, theirs = (json.loads(json.dumps(c)) for c in (model_config, payload["model_config"]))  # tuples as lists
+    if payload.model != model_name:
+        raise ConfigError(f"init_from={source}: it holds a {payload.model!r} model, not a {model_name!r} one")
+    ours, theirs = (json.loads(json.dumps(c)) for c in (model_config, payload.model_config))  # tuples as lists
     differ = [f"{k}={format_value(ours[k])} (it has {format_value(v)})"
               for k, v in theirs.items() if k in ours and ours[k] != v and k not in ADDED_FROM_ZERO]
     if differ:  # an option it lacks was added to couplings after it was trained, at its default
         raise ConfigError(f"init_from={source}: a model with other options; {', '.join(differ)}")
     try:  # shapes must match; of the names, only the layers that start at zero may be on one side alone
-        loaded = model.load_state_dict(checkpoint.evaluation_weights(payload), strict=False)
+        loaded = model.load_state_dict(payload.weights(), strict=False)
     except RuntimeError as e:
         raise ConfigError(f"init_from={source}: its weights do not fit this {model_name}: "
                           f"{checkpoint.first_mismatch(e)}") from None
@@ -242,19 +254,19 @@ def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides
         plan.note = f"warning: {run_dir.path} stopped before its first checkpoint; starting it from the beginning"
         return plan
     _, state, _ = run_dir.newest_intact()  # readable, verified, and its weights fit the model it names
-    model = build_model(state["model"], state["model_config"])  # its weights are loaded when training starts
-    if state["model"] != model_name:
-        raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state['model']!r} run")
-    stored = from_stored(MODELS[model_name].train_config, state["train"])
-    changed = [k for k, v in model_overrides.items() if state["model_config"].get(k) != v]
+    model = build_model(state.model, state.model_config)  # its weights are loaded when training starts
+    if state.model != model_name:
+        raise ConfigError(f"--resume: expected a {model_name!r} run in {run_dir.path}, found a {state.model!r} run")
+    stored = from_stored(MODELS[model_name].train_config, state.train)
+    changed = [k for k, v in model_overrides.items() if state.model_config.get(k) != v]
     changed += [k for k, v in train_overrides.items() if k not in RESUMABLE_OPTIONS and getattr(stored, k) != v]
-    if size is not None and size != state["size"]:
+    if size is not None and size != state.size:
         changed.insert(0, "size")
     if changed:
         raise ConfigError(
             f"cannot change {', '.join(changed)} when resuming; only {', '.join(RESUMABLE_OPTIONS)} may change"
         )
-    trained_on, now = state.get("world_size", 1), distributed.world_size()
+    trained_on, now = state.world_size, distributed.world_size()
     if trained_on != now:  # each rank's share of a batch, so the float rounding and batch-norm statistics, would change
         launch = f"torchrun --nproc_per_node {trained_on}" if trained_on > 1 else "one process, without torchrun"
         raise ConfigError(f"--resume: {run_dir.path} was trained on {trained_on} process(es), not {now}; "
@@ -262,7 +274,7 @@ def _resumed(model_name: str, run_dir: RunDir, size: str | None, model_overrides
     # A time budget belongs to one invocation: a resumed run has none unless given again.
     resumable = {k: v for k, v in train_overrides.items() if k in RESUMABLE_OPTIONS}
     cfg = apply_overrides(stored, {"max_minutes": None, **resumable})
-    return RunPlan(model_name, state["size"], state["model_config"], cfg, run_dir, state, model)
+    return RunPlan(model_name, state.size, state.model_config, cfg, run_dir, state, model)
 
 
 def train(
@@ -358,14 +370,11 @@ def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: boo
     faults = FaultCounter(cfg.max_bad_steps)
     budget = Budget(cfg.max_steps, cfg.max_minutes)
     if state is not None:
-        model.load_state_dict(state["model_state"])
-        if "rng" in state:
-            set_rng_states(state["rng"])
-        else:  # format 1 kept torch's CPU state only
-            torch.set_rng_state(state["rng_state"])
-        budget.already = state["elapsed"]
-        faults.lr_scale, faults.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
-        run_dir.forget_metrics_after(state["step"])
+        model.load_state_dict(state.model_state)
+        set_rng_states(state.rng)
+        budget.already = state.elapsed
+        faults.lr_scale, faults.rollbacks = state.lr_scale, state.rollbacks
+        run_dir.forget_metrics_after(state.step)
     else:
         run_dir.create()
     processes = distributed.world_size()
@@ -382,10 +391,10 @@ def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: boo
     run = {**plan.record(), **probe, "hardware": describe(device) + (f", {processes} processes (torchrun)" if processes > 1 else "")}
     run_dir.write_config(run)
     console = Console(progress)
-    board = TensorBoard(run_dir.path / run_dir.TENSORBOARD, None if state is None else state["step"] + 1) if tensorboard else None
+    board = TensorBoard(run_dir.path / run_dir.TENSORBOARD, None if state is None else state.step + 1) if tensorboard else None
     ctx = Context(run, cfg, model, device, plan.train_data, plan.val_data, state, run_dir, budget, faults, console, board)
     if state is None:
-        ctx.checkpoint({"epoch": 0, "step": 0}, best=False)  # something to resume or roll back to at once
+        ctx.checkpoint(TrainState())  # something to resume or roll back to at once
     trainer = importlib.import_module(f"couplings.training.{MODELS[plan.model].trainer}")
     try:
         with budget.stop_on_signals(run_dir, console):
@@ -395,7 +404,7 @@ def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: boo
                     break
                 except NumericalFault as fault:  # continue from last.pt with a lower learning rate, or raise
                     ctx.state = roll_back(fault, faults, run_dir, model, cfg.max_rollbacks, cfg.rollback_lr_factor)
-                    console.say(f"{fault}; rolled back to step {ctx.state['step']} with the learning rate x{faults.lr_scale:g}")
+                    console.say(f"{fault}; rolled back to step {ctx.state.step} with the learning rate x{faults.lr_scale:g}")
     finally:
         if board is not None:
             board.close()
