@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from couplings.likelihood import dequantize
 from couplings.hardware import describe, resolve_device
-from couplings.transforms import AffineCoupling2d, Logit, Squeeze
+from couplings.transforms import Logit, Squeeze, affine_coupling2d
 from couplings.models import NICE, Glow, MultiScaleFlow
 from couplings.models.glow import GLOW_PRESETS
 from couplings.models.nice import NICE_PRESETS
@@ -181,7 +181,7 @@ def build_realnvp(nf, size: str, hidden: int | None, weight_norm: bool = True) -
     config = RealNVPConfig(**_preset(REALNVP_PRESETS, size, "realnvp"))
     width, blocks, alpha = config.hidden if hidden is None else hidden, config.blocks, config.alpha
     c, h, w = 4 * IMAGE_SHAPE[0], IMAGE_SHAPE[1] // 2, IMAGE_SHAPE[2] // 2  # after the squeeze
-    layers = [AffineCoupling2d(c, "channel", i % 2, width, blocks, scale="tanh") for i in range(REALNVP_COUPLINGS)]
+    layers = [affine_coupling2d(c, "channel", i % 2, width, blocks, scale="tanh") for i in range(REALNVP_COUPLINGS)]
     ours = MultiScaleFlow(IMAGE_SHAPE, Logit(alpha), [], Composite([Squeeze(), *layers]), [(c, h, w)])
 
     def coupling(i: int):

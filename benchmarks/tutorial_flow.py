@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow
-from couplings.transforms import AffineCoupling2d, Composite, Logit, Squeeze
+from couplings.transforms import Composite, Logit, Squeeze, affine_coupling2d
 
 __all__ = ["TUTORIAL_RECIPE", "TutorialFlow"]
 
@@ -27,7 +27,7 @@ TUTORIAL_RECIPE = ["batch_size=128", "grad_clip=1.0", "lr_schedule=exponential",
 
 
 def _couplings(channels: int, mask: str, count: int, hidden: int) -> list:
-    return [AffineCoupling2d(channels, mask, i % 2, hidden, 3, scale="bounded", net="gated") for i in range(count)]
+    return [affine_coupling2d(channels, mask, i % 2, hidden, 3, scale="bounded", net="gated") for i in range(count)]
 
 
 class TutorialFlow(MultiScaleFlow):

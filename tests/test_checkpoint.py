@@ -154,6 +154,38 @@ def test_the_schema_round_trips_and_refuses_keys_of_no_format(tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in [
     *ROOT.glob("results/**/*.pt"), *ROOT.glob("src/couplings/pretrained/*.pt")]))
 def test_every_committed_checkpoint_reads_into_the_schema(path):
+    """Every committed checkpoint (pretrained models, runs still being resumed) reads, and its
+    weights (and averages) fit today's model of its config exactly."""
     ckpt = checkpoint.load(ROOT / path)
     assert 1 <= ckpt.format_version <= checkpoint.FORMAT_VERSION and ckpt.model_state
     assert checkpoint.Checkpoint.from_payload(ckpt.to_payload()).step == ckpt.step
+    model = checkpoint.build_model(ckpt.model, ckpt.model_config)
+    for weights in (ckpt.model_state, ckpt.ema_state or {}):
+        if weights:
+            model.load_state_dict(weights)  # strict: no name missing or unknown
+
+
+def test_format_3_weights_load_under_the_scale_functions_names(tmp_path):
+    """Format 3 kept an image coupling's scale parameters as its own (``tanh_factor``,
+    ``log_bound``); format 4 keeps them under its scale function (``scale.factor``,
+    ``scale.log_bound``). A format-3 file loads into today's model with the same values, and its
+    parameters' order, which an optimizer state follows, is the same as before the rename."""
+    from couplings.models import Glow, RealNVP
+
+    for model in (RealNVP(image_shape=(1, 8, 8), scales=1, per_scale=2, hidden=4, blocks=1),
+                  Glow(image_shape=(1, 8, 8), levels=1, steps=1, hidden=4, blocks=0, scale="bounded")):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.rand_like(p))
+        state = model.state_dict()
+        old_names = {k.replace("scale.factor", "tanh_factor").replace("scale.log_bound", "log_bound"): v
+                     for k, v in state.items()}
+        assert old_names.keys() != state.keys()
+        name = "realnvp" if isinstance(model, RealNVP) else "glow"
+        torch.save({"format_version": 3, "model": name, "model_config": asdict(model.config), "model_state": old_names,
+                    "ema_state": old_names}, tmp_path / f"{name}.pt")
+        ckpt = checkpoint.load(tmp_path / f"{name}.pt")
+        assert ckpt.model_state.keys() == ckpt.ema_state.keys() == state.keys()
+        assert list(checkpoint.upgraded_weights(dict.fromkeys(old_names), 3)) == list(state)  # the same order
+        loaded, _ = checkpoint.load_model(tmp_path / f"{name}.pt")
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())

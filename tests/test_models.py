@@ -156,7 +156,7 @@ def test_multiscale_structure_and_parameter_counts():
     r = RealNVP()
     kinds = [type(t).__name__ for t in r.levels[0].transforms]
     assert kinds == ["AffineCoupling2d", "BatchNormFlow"] * 3 + ["Squeeze"] + ["AffineCoupling2d", "BatchNormFlow"] * 3
-    assert [t.mask for t in r.levels[0].transforms if hasattr(t, "mask")] == ["checkerboard"] * 3 + ["channel"] * 3
+    assert [type(t.mask).__name__ for t in r.levels[0].transforms if hasattr(t, "mask")] == ["Checkerboard"] * 3 + ["ChannelSplit"] * 3
     assert len(r.final.transforms) == 8 and r.out_shapes == [(2, 14, 14), (4, 7, 7), (4, 7, 7)]
     assert sum(p.numel() for p in r.parameters()) == 9_587_131
     g = Glow()

@@ -12,7 +12,7 @@ import torch
 
 from _require import require
 from couplings.likelihood import dequantize
-from couplings.transforms import LearnedSplitPrior
+from couplings.transforms import LearnedSplitPrior, TanhScale
 from couplings.nn import WeightNormConv2d
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peer.py"
@@ -66,7 +66,7 @@ def test_both_models_have_the_pinned_sizes_and_score_the_batch(arch):
         # function: the logit preprocessing under a standard normal.
         torch.testing.assert_close(scores["couplings"], scores["normflows"], atol=1e-3, rtol=1e-5)
         couplings_model = pair["couplings"].model
-        tanh_factors = sum(m.tanh_factor.numel() for m in couplings_model.modules() if getattr(m, "tanh_factor", None) is not None)
+        tanh_factors = sum(m.factor.numel() for m in couplings_model.modules() if isinstance(m, TanhScale))
         assert tanh_factors == PARAMETERS["realnvp"][0] - PARAMETERS["realnvp"][1]
     assert torch.equal(x, _batch()), "a model changed its input in place"
 

@@ -6,24 +6,31 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from couplings.nn import coupling_net
 from couplings.transforms import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
     AffineCoupling2d,
     BatchNormFlow,
+    BoundedScale,
+    Checkerboard,
     ClassConditionalPrior,
     Composite,
+    Context,
     DiagonalScaling,
     InvConv1x1,
     Inverse,
     LearnedSplitPrior,
     Logit,
     MixtureCoupling2d,
+    OneHotLabels,
     Permutation,
     Shift,
     Squeeze,
     Transform,
+    affine_coupling2d,
+    mixture_coupling2d,
 )
 
 EVEN = torch.arange(6) % 2 == 0
@@ -49,18 +56,18 @@ LAYERS = {
         [AdditiveCoupling(6, 0, 1, 8), AdditiveCoupling(6, 1, 1, 8), DiagonalScaling(6)]
     ),
     "affine": lambda: AffineCoupling(EVEN, hidden_layers=2, hidden_units=8),
-    "affine-conditional": lambda: AffineCoupling(~EVEN, hidden_layers=1, hidden_units=8, context_dim=3),
+    "affine-conditional": lambda: AffineCoupling(~EVEN, hidden_layers=1, hidden_units=8, conditioner=Context(3)),
     "batchnorm-eval": lambda: _with_running_stats(BatchNormFlow(6)).eval(),
     "permutation": lambda: Permutation(6, seed=3),
     "class-prior-flat": lambda: ClassConditionalPrior(6, num_classes=3),
     "latent-stack": lambda: Composite(
-        [AffineCoupling(EVEN, 1, 8, context_dim=3), _with_running_stats(BatchNormFlow(6)), Permutation(6)]
+        [AffineCoupling(EVEN, 1, 8, Context(3)), _with_running_stats(BatchNormFlow(6)), Permutation(6)]
     ).eval(),
 }
 CONDITIONAL = {"affine-conditional", "latent-stack"}
 LABELLED = {"class-prior-flat", "class-prior-image", "class-prior-per-position",  # layers whose context is a label (B,)
             "coupling-channel-bounded-gated-labelled", "coupling-checkerboard-sigmoid-labelled",
-            "mixture-checkerboard-labelled", "mixture-channel-gated-labelled"}
+            "mixture-checkerboard-labelled", "mixture-channel-gated-labelled", "coupling-composed"}
 
 # Image layers run on (B, C, H, W) inputs of these shapes; flat layers on (B, 6) or (B, 5).
 IMAGE_LAYERS = {
@@ -73,29 +80,33 @@ IMAGE_LAYERS = {
     "shift": (lambda: Shift(-0.5), (1, 2, 2)),
     "class-prior-image": (lambda: ClassConditionalPrior(2, num_classes=3), (2, 2, 2)),
     "class-prior-per-position": (lambda: ClassConditionalPrior(2, num_classes=3, shape=(2, 3)), (2, 2, 3)),
-    "coupling-checkerboard-tanh": (lambda: AffineCoupling2d(1, "checkerboard", 0, 4, 1).eval(), (1, 4, 4)),
-    "coupling-checkerboard-odd": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
-    "coupling-channel-tanh": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),
-    "coupling-channel-sigmoid": (lambda: AffineCoupling2d(4, "channel", 1, 4, 0, scale="sigmoid").eval(), (4, 2, 2)),
-    "coupling-sigmoid-min-scale": (lambda: AffineCoupling2d(4, "channel", 0, 4, 0, "sigmoid", 0.1).eval(), (4, 2, 2)),
-    "coupling-checkerboard-bounded-gated": (lambda: AffineCoupling2d(2, "checkerboard", 0, 4, 1, scale="bounded",
+    "coupling-checkerboard-tanh": (lambda: affine_coupling2d(1, "checkerboard", 0, 4, 1).eval(), (1, 4, 4)),
+    "coupling-checkerboard-odd": (lambda: affine_coupling2d(2, "checkerboard", 1, 4, 0).eval(), (2, 2, 2)),
+    "coupling-channel-tanh": (lambda: affine_coupling2d(4, "channel", 0, 4, 1).eval(), (4, 2, 2)),
+    "coupling-channel-sigmoid": (lambda: affine_coupling2d(4, "channel", 1, 4, 0, scale="sigmoid").eval(), (4, 2, 2)),
+    "coupling-sigmoid-min-scale": (lambda: affine_coupling2d(4, "channel", 0, 4, 0, "sigmoid", 0.1).eval(), (4, 2, 2)),
+    "coupling-checkerboard-bounded-gated": (lambda: affine_coupling2d(2, "checkerboard", 0, 4, 1, scale="bounded",
                                                                      net="gated"), (2, 4, 4)),
-    "coupling-channel-bounded-gated": (lambda: AffineCoupling2d(4, "channel", 1, 4, 2, scale="bounded", net="gated"),
+    "coupling-channel-bounded-gated": (lambda: affine_coupling2d(4, "channel", 1, 4, 2, scale="bounded", net="gated"),
                                        (4, 2, 2)),
-    "coupling-channel-bounded-gated-labelled": (lambda: AffineCoupling2d(4, "channel", 0, 4, 1, scale="bounded",
+    "coupling-channel-bounded-gated-labelled": (lambda: affine_coupling2d(4, "channel", 0, 4, 1, scale="bounded",
                                                                          net="gated", num_classes=3), (4, 2, 2)),
-    "coupling-checkerboard-sigmoid-labelled": (lambda: AffineCoupling2d(2, "checkerboard", 1, 4, 0, "sigmoid", 0.2,
+    "coupling-checkerboard-sigmoid-labelled": (lambda: affine_coupling2d(2, "checkerboard", 1, 4, 0, "sigmoid", 0.2,
                                                                         num_classes=3).eval(), (2, 2, 2)),
-    "mixture-checkerboard": (lambda: MixtureCoupling2d(2, "checkerboard", 0, 4, 1, mixtures=3).eval(), (2, 4, 4)),
-    "mixture-checkerboard-labelled": (lambda: MixtureCoupling2d(1, "checkerboard", 1, 4, 0, mixtures=2,
+    "mixture-checkerboard": (lambda: mixture_coupling2d(2, "checkerboard", 0, 4, 1, mixtures=3).eval(), (2, 4, 4)),
+    "mixture-checkerboard-labelled": (lambda: mixture_coupling2d(1, "checkerboard", 1, 4, 0, mixtures=2,
                                                                 num_classes=3).eval(), (1, 4, 4)),
-    "mixture-channel-gated": (lambda: MixtureCoupling2d(4, "channel", 1, 4, 1, mixtures=4, net="gated"), (4, 2, 2)),
-    "mixture-channel-gated-labelled": (lambda: MixtureCoupling2d(4, "channel", 0, 4, 1, mixtures=3, net="gated",
+    "mixture-channel-gated": (lambda: mixture_coupling2d(4, "channel", 1, 4, 1, mixtures=4, net="gated"), (4, 2, 2)),
+    "mixture-channel-gated-labelled": (lambda: mixture_coupling2d(4, "channel", 0, 4, 1, mixtures=3, net="gated",
                                                                  num_classes=3), (4, 2, 2)),
-    "mixture-one-logistic": (lambda: MixtureCoupling2d(4, "channel", 0, 4, 0, mixtures=1).eval(), (4, 2, 2)),
+    # Built from its parts, not by name: a checkerboard, a gated network of the image, the mask
+    # channel and 3 one-hot label channels, a bounded scale per transformed channel.
+    "coupling-composed": (lambda: AffineCoupling2d(Checkerboard(1), coupling_net("gated", 2 + 1 + 3, 2 * 2, 4, 1),
+                                                   BoundedScale(2), OneHotLabels(3)), (2, 4, 4)),
+    "mixture-one-logistic": (lambda: mixture_coupling2d(4, "channel", 0, 4, 0, mixtures=1).eval(), (4, 2, 2)),
     "sigmoid": (lambda: Inverse(Logit(0.0)), (1, 2, 2)),
     "glow-step": (lambda: Composite([_initialized(ActNorm(4), (4, 2, 2)), InvConv1x1(4),
-                                     AffineCoupling2d(4, "channel", 0, 4, 0, scale="sigmoid")]).eval(), (4, 2, 2)),
+                                     affine_coupling2d(4, "channel", 0, 4, 0, scale="sigmoid")]).eval(), (4, 2, 2)),
 }
 LAYERS.update({name: factory for name, (factory, _) in IMAGE_LAYERS.items()})
 
@@ -196,7 +207,7 @@ def test_bad_arguments():
 
 
 def test_affine_coupling_starts_as_identity_and_needs_its_context():
-    layer = AffineCoupling(EVEN, 1, 4, context_dim=2)
+    layer = AffineCoupling(EVEN, 1, 4, Context(2))
     x = torch.randn(3, 6)
     z, ld = layer(x, torch.zeros(3, 2))
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(3))
@@ -255,7 +266,7 @@ def test_batchnorm_training_mode_equals_a_direct_computation_from_the_batch_stat
 
 def test_a_coupling_conditioned_on_an_image_context():
     torch.manual_seed(0)
-    layer = _randomized(AffineCoupling2d(1, "checkerboard", 1, 4, 1, scale="bounded", net="gated", context_channels=2))
+    layer = _randomized(affine_coupling2d(1, "checkerboard", 1, 4, 1, scale="bounded", net="gated", context_channels=2))
     x, y = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
     z, ld = layer(x, y)
     back, ld_inv = layer.inverse(z, y)
@@ -270,7 +281,7 @@ def test_a_coupling_conditioned_on_an_image_context():
 
 
 def test_the_bounded_scale_can_expand_and_contract_but_never_past_its_bound():
-    layer = AffineCoupling2d(4, "channel", 0, 8, 0, scale="bounded", net="gated").eval()
+    layer = affine_coupling2d(4, "channel", 0, 8, 0, scale="bounded", net="gated").eval()
     with torch.no_grad():
         layer.net.tail.bias.copy_(torch.tensor([-40.0, 40.0, 0.0, 0.0]))  # h far below and above 0: (h, h, t, t)
     x = torch.randn(2, 4, 3, 3)
@@ -316,16 +327,16 @@ def test_actnorm_data_init_and_flag_survives_load():
 
 def test_couplings_start_near_identity():
     x = torch.randn(2, 4, 4, 4)
-    z, ld = AffineCoupling2d(4, "checkerboard", 0, 8, 1).eval()(x)
+    z, ld = affine_coupling2d(4, "checkerboard", 0, 8, 1).eval()(x)
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))  # tanh factor 0 and a zero last conv
-    z, ld = AffineCoupling2d(4, "channel", 0, 8, 1, scale="sigmoid").eval()(x)
+    z, ld = affine_coupling2d(4, "channel", 0, 8, 1, scale="sigmoid").eval()(x)
     torch.testing.assert_close(z[:, 2:], x[:, 2:] * torch.sigmoid(torch.tensor(2.0)))  # Glow's sigmoid(h + 2)
 
 
 def test_glow_coupling_inverts_in_float32_when_it_contracts_hard():
     # A trained Glow coupling can reach scale ~1e-5 beside shifts ~10. With x * scale + t the
     # inverse lost x to rounding (error ~0.01); Glow's (x + t) * scale keeps it to ~1e-6.
-    layer = AffineCoupling2d(4, "channel", 0, 8, 0, scale="sigmoid").eval()
+    layer = affine_coupling2d(4, "channel", 0, 8, 0, scale="sigmoid").eval()
     with torch.no_grad():
         layer.net.tail[-1].bias.copy_(torch.tensor([-12.0, -12.0, 10.0, -10.0]))  # (h, h, t, t)
     x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -336,7 +347,7 @@ def test_glow_coupling_inverts_in_float32_when_it_contracts_hard():
 
 
 def test_min_scale_bounds_the_glow_scale():
-    layer = AffineCoupling2d(4, "channel", 0, 8, 0, scale="sigmoid", min_scale=0.1).eval()
+    layer = affine_coupling2d(4, "channel", 0, 8, 0, scale="sigmoid", min_scale=0.1).eval()
     with torch.no_grad():
         layer.net.tail[-1].bias.copy_(torch.tensor([-40.0, 40.0, 0.0, 0.0]))  # h far below and above 0
     x = torch.ones(1, 4, 1, 1)
@@ -344,11 +355,11 @@ def test_min_scale_bounds_the_glow_scale():
     torch.testing.assert_close(z[0, 2:, 0, 0], torch.tensor([0.1, 1.0]))
     torch.testing.assert_close(ld, torch.log(torch.tensor([0.1])))
     with pytest.raises(ValueError, match="min_scale"):
-        AffineCoupling2d(4, "channel", 0, 8, 0, scale="tanh", min_scale=0.1)
+        affine_coupling2d(4, "channel", 0, 8, 0, scale="tanh", min_scale=0.1)
 
 
 def test_a_coupling_trains_after_it_was_evaluated_under_inference_mode():
-    layer = AffineCoupling2d(1, "checkerboard", 0, 4, 1)
+    layer = affine_coupling2d(1, "checkerboard", 0, 4, 1)
     x = torch.rand(2, 1, 4, 4)
     with torch.inference_mode():
         layer(x)  # builds (and caches) the checkerboard mask as an inference tensor
@@ -360,7 +371,7 @@ def _mixture_with_parameters(logits, means, log_scales, a_pre: float, b: float, 
     """A 2-channel, channel-mask mixture coupling whose network outputs the given constants at every
     pixel (its last convolution's weights zero, its bias the parameters): with one transformed
     channel the output channels are (a's pre-activation, b, K logits, K means, K log-scales)."""
-    layer = MixtureCoupling2d(2, "channel", 0, 4, 0, mixtures=len(logits), net="gated").to(dtype)
+    layer = mixture_coupling2d(2, "channel", 0, 4, 0, mixtures=len(logits), net="gated").to(dtype)
     with torch.no_grad():
         layer.net.tail.bias.copy_(torch.tensor([a_pre, b, *logits, *means, *log_scales]))
     return layer
@@ -370,8 +381,8 @@ def test_mixture_coupling_starts_as_the_identity():
     """Zero last convolution: equal weights, means 0, scales 1, a = b = 0, so logit(F(x)) = x."""
     x = torch.randn(3, 4, 4, 4) * 5
     x[0, 0, 0, 0], x[0, 0, 0, 1] = 20.0, -20.0  # the far tails too
-    for layer in (MixtureCoupling2d(4, "checkerboard", 1, 8, 1, mixtures=5).eval(),
-                  MixtureCoupling2d(4, "channel", 0, 8, 1, mixtures=5, net="gated")):
+    for layer in (mixture_coupling2d(4, "checkerboard", 1, 8, 1, mixtures=5).eval(),
+                  mixture_coupling2d(4, "channel", 0, 8, 1, mixtures=5, net="gated")):
         z, ld = layer(x)
         torch.testing.assert_close(z, x, atol=1e-5, rtol=0)
         torch.testing.assert_close(ld, torch.zeros(3), atol=1e-4, rtol=0)
@@ -384,7 +395,7 @@ def test_mixture_coupling_round_trip_in_float32_including_far_tails(mask):
     seventh entry at +-20 and a few at +-15: the bisection inverse reconstructs x to below 1e-5
     (measured: at most 3.8e-6, two float32 spacings of x at 20)."""
     torch.manual_seed(0)
-    layer = MixtureCoupling2d(4, mask, 1, 8, 1, mixtures=4, net="gated", num_classes=3 if mask == "channel" else 0)
+    layer = mixture_coupling2d(4, mask, 1, 8, 1, mixtures=4, net="gated", num_classes=3 if mask == "channel" else 0)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -437,11 +448,11 @@ def test_mixture_coupling_bisection_solves_for_extreme_parameters(dtype, a_pre):
 
 def test_mixture_coupling_bad_arguments():
     with pytest.raises(ValueError, match="mixtures must be >= 1, found 0"):
-        MixtureCoupling2d(4, "channel", 0, 4, 0, mixtures=0)
+        mixture_coupling2d(4, "channel", 0, 4, 0, mixtures=0)
     with pytest.raises(ValueError, match="a channel mask needs an even number of channels"):
-        MixtureCoupling2d(3, "channel", 0, 4, 0)
+        mixture_coupling2d(3, "channel", 0, 4, 0)
     with pytest.raises(ValueError, match="this flow is class-conditional"):
-        MixtureCoupling2d(4, "channel", 0, 4, 0, num_classes=3)(torch.randn(2, 4, 2, 2))
+        mixture_coupling2d(4, "channel", 0, 4, 0, num_classes=3)(torch.randn(2, 4, 2, 2))
 
 
 @pytest.mark.parametrize("kind", ["resnet", "gated"])

@@ -46,7 +46,12 @@ BEST, LAST, PREVIOUS = "best.pt", "last.pt", "previous.pt"
 # 2: every RNG state ("rng") and the position inside an interrupted epoch ("pass").
 # 3: a header line with the SHA-256 and length of the torch archive after it, checked before
 #    unpickling (files of formats 1 and 2, such as older pretrained models, still load).
-FORMAT_VERSION = 3
+# 4: an image coupling's scale parameters are its scale function's (`couplings.transforms.coupling`):
+#    "scale.factor" and "scale.log_bound" for format 3's "tanh_factor" and "log_bound"; older
+#    weights are renamed as they are read.
+FORMAT_VERSION = 4
+# Weight names that changed, by the format that last wrote them: old name -> new name (last part).
+RENAMED = {3: {"tanh_factor": "scale.factor", "log_bound": "scale.log_bound"}}
 HEADER = b"couplings-checkpoint"
 REQUIRED_KEYS = ("format_version", "model", "model_config", "model_state")
 
@@ -133,6 +138,9 @@ class Checkpoint:
         if payload["model"] not in MODELS:
             raise CheckpointError(f"{source}: unknown model {payload['model']!r}; expected one of {sorted(MODELS)}")
         values = dict(payload)
+        for key in ("model_state", "ema_state"):
+            if values.get(key) is not None:
+                values[key] = upgraded_weights(values[key], version)
         if "rng_state" in values:  # format 1
             values["rng"] = {"torch": values.pop("rng_state")}
         by_key = {cls.KEYS.get(f.name, f.name): f.name for f in fields(cls)}
@@ -145,6 +153,15 @@ class Checkpoint:
         """The dict a file stores (format `FORMAT_VERSION`): every field that holds something."""
         values = {self.KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
         return {**{k: v for k, v in values.items() if v is not None}, "format_version": FORMAT_VERSION}
+
+
+def upgraded_weights(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint of format ``version`` under today's names (`RENAMED`)."""
+    for since in sorted(v for v in RENAMED if v >= version):
+        renamed = RENAMED[since]
+        state = {(f"{k.rpartition('.')[0]}." if "." in k else "") + renamed.get(k.rpartition(".")[2], k.rpartition(".")[2]): v
+                 for k, v in state.items()}
+    return state
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from couplings.transforms import AffineCoupling2d, Composite, Inverse, Logit
+from couplings.transforms import Composite, Inverse, Logit, affine_coupling2d
 
 __all__ = ["VariationalDequantizer"]
 
@@ -26,7 +26,7 @@ class VariationalDequantizer(nn.Module):
 
     def __init__(self, channels: int, *, couplings: int = 4, hidden: int = 16, blocks: int = 2):
         super().__init__()
-        steps = [AffineCoupling2d(channels, "checkerboard", i % 2, hidden, blocks, scale="bounded", net="gated",
+        steps = [affine_coupling2d(channels, "checkerboard", i % 2, hidden, blocks, scale="bounded", net="gated",
                                   context_channels=channels) for i in range(couplings)]
         self.flow = Composite([Logit(0.0), *steps, Inverse(Logit(0.0))])
 

@@ -13,16 +13,16 @@ from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
 from couplings.transforms import (
     ActNorm,
-    AffineCoupling2d,
     ClassConditionalPrior,
     Composite,
     InvConv1x1,
     LearnedSplitPrior,
     Logit,
-    MixtureCoupling2d,
     Shift,
     Squeeze,
     Transform,
+    affine_coupling2d,
+    mixture_coupling2d,
 )
 
 __all__ = ["GLOW_PRESETS", "Glow", "GlowConfig"]
@@ -127,10 +127,10 @@ class Glow(MultiScaleFlow):
             bound = min_scale if config.scale == "sigmoid" else 0.0
             labels = config.num_classes if config.class_couplings else 0
             if config.coupling == "mixture":
-                coupling = MixtureCoupling2d(channels, "channel", 0, hidden, blocks, config.mixtures, net=config.net,
+                coupling = mixture_coupling2d(channels, "channel", 0, hidden, blocks, config.mixtures, net=config.net,
                                              num_classes=labels)
             else:
-                coupling = AffineCoupling2d(channels, "channel", 0, hidden, blocks, scale=config.scale, min_scale=bound,
+                coupling = affine_coupling2d(channels, "channel", 0, hidden, blocks, scale=config.scale, min_scale=bound,
                                             net=config.net, num_classes=labels)
             return [ActNorm(channels), InvConv1x1(channels, seed=seed), coupling]
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from couplings.distributions import StandardNormal
 from couplings.models.base import Flow, check_at_least, with_options
-from couplings.transforms import AffineCoupling, BatchNormFlow, ClassConditionalPrior, Composite, Permutation
+from couplings.transforms import AffineCoupling, BatchNormFlow, ClassConditionalPrior, Composite, Context, Permutation
 
 __all__ = ["ConvAutoencoder", "LatentRealNVP", "LatentRealNVPConfig"]
 
@@ -118,7 +118,7 @@ class LatentRealNVP(Flow):
         for i in range(config.couplings):
             mask = torch.arange(dim) % 2 == i % 2
             layers += [
-                AffineCoupling(mask, config.hidden_layers, config.hidden_units, context_dim=context),
+                AffineCoupling(mask, config.hidden_layers, config.hidden_units, Context(context) if context else None),
                 BatchNormFlow(dim),
                 Permutation(dim, seed=i),
             ]

@@ -8,13 +8,13 @@ from couplings.models.base import check_at_least, check_one_of, with_options
 from couplings.models.dequantization import VariationalDequantizer
 from couplings.models.multiscale import MultiScaleFlow, check_image_shape
 from couplings.transforms import (
-    AffineCoupling2d,
     BatchNormFlow,
     Composite,
     Logit,
-    MixtureCoupling2d,
     Squeeze,
     Transform,
+    affine_coupling2d,
+    mixture_coupling2d,
 )
 
 __all__ = ["REALNVP_PRESETS", "RealNVP", "RealNVPConfig"]
@@ -106,10 +106,10 @@ class RealNVP(MultiScaleFlow):
             layers: list[Transform] = []
             for i in range(count):
                 if config.coupling == "mixture":
-                    layers.append(MixtureCoupling2d(channels, mask, i % 2, hidden, blocks, config.mixtures,
+                    layers.append(mixture_coupling2d(channels, mask, i % 2, hidden, blocks, config.mixtures,
                                                     net=config.net))
                 else:
-                    layers.append(AffineCoupling2d(channels, mask, i % 2, hidden, blocks, scale=config.scale,
+                    layers.append(affine_coupling2d(channels, mask, i % 2, hidden, blocks, scale=config.scale,
                                                    net=config.net))
                 if config.batch_norm:
                     layers.append(BatchNormFlow(channels, spatial=True, momentum=0.05, eps=1e-4))

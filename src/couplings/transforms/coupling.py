@@ -1,6 +1,12 @@
 """Coupling layers: NICE's additive coupling, Real NVP / Glow affine couplings on flat vectors
-and on images with checkerboard or channel masks, and Flow++'s logistic-mixture CDF coupling on
-images."""
+and on images, and Flow++'s logistic-mixture CDF coupling on images.
+
+An image coupling is composed of parts, each an object: a mask (`Checkerboard`, `ChannelSplit`:
+which part passes through), a network (`couplings.nn.coupling_net`), for the affine coupling a
+scale function (`TanhScale`, `SigmoidScale`, `BoundedScale`), and optionally a conditioner, the
+one convention for what else the network sees (`Context`: a tensor given as ``y``; `OneHotLabels`:
+labels given as ``y``). `affine_coupling2d` and `mixture_coupling2d` build them from the names the
+model configurations use."""
 
 from __future__ import annotations
 
@@ -11,7 +17,22 @@ from torch import Tensor, nn
 from couplings.nn import coupling_net, mlp
 from couplings.transforms.base import Transform, check_labels, per_sample_sum
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "AffineCoupling2d", "MixtureCoupling2d", "checkerboard"]
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "AffineCoupling2d",
+    "BoundedScale",
+    "ChannelSplit",
+    "Checkerboard",
+    "Context",
+    "MixtureCoupling2d",
+    "OneHotLabels",
+    "SigmoidScale",
+    "TanhScale",
+    "affine_coupling2d",
+    "checkerboard",
+    "mixture_coupling2d",
+]
 
 
 class AdditiveCoupling(Transform):
@@ -48,36 +69,72 @@ class AdditiveCoupling(Transform):
         return self._shifted(z, -1.0), z.new_zeros(z.shape[0])
 
 
-class AffineCoupling(Transform):
-    """Real NVP's affine coupling on a flat vector, optionally conditioned on a context.
+class Context:
+    """Conditioning on a tensor given as ``y``: (B, features) beside a flat vector, or (B,
+    features, H, W) beside an image (e.g. the image a dequantization noise is conditioned on)."""
 
-    Entries where ``mask`` is True pass through and, with the context ``y`` (B, context_dim),
-    set a scale and shift of the others: ``z_b = x_b * exp(s) + t`` with ``s = tanh(.)``
-    bounded in (-1, 1). The net's last layer starts at zero, so the layer starts as the identity.
+    def __init__(self, features: int):
+        if features < 1:
+            raise ValueError(f"a context needs >= 1 features, found {features}")
+        self.features = features
+
+    def __call__(self, y: Tensor | None, x_a: Tensor) -> Tensor:
+        expected = (x_a.shape[0], self.features) if x_a.dim() == 2 else (self.features, *x_a.shape[2:])
+        found = None if y is None else tuple(y.shape)
+        if y is None or (tuple(y.shape) if x_a.dim() == 2 else tuple(y.shape[1:])) != expected:
+            shape = expected if x_a.dim() == 2 else ("B", *expected)
+            raise ValueError(f"expected a context of shape ({', '.join(map(str, shape))}), found {found}")
+        return y.to(x_a.dtype)
+
+
+class OneHotLabels:
+    """Conditioning on labels given as ``y`` (B,) in 0..num_classes-1: the network sees each label
+    as num_classes one-hot features, constant over an image (a class-conditional coupling)."""
+
+    def __init__(self, num_classes: int):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, found {num_classes}")
+        self.features = num_classes
+
+    def __call__(self, y: Tensor | None, x_a: Tensor) -> Tensor:
+        check_labels(y, x_a.shape[0], self.features)
+        one_hot = F.one_hot(y.long(), self.features).to(x_a.dtype)  # (B, K)
+        return one_hot if x_a.dim() == 2 else one_hot[:, :, None, None].expand(-1, -1, *x_a.shape[2:])
+
+
+Conditioner = Context | OneHotLabels
+
+
+def _conditioned(conditioner: Conditioner | None, x_a: Tensor, y: Tensor | None) -> Tensor:
+    """The network's input: the masked-in part, then what the conditioner makes of ``y``."""
+    return x_a if conditioner is None else torch.cat([x_a, conditioner(y, x_a)], dim=1)
+
+
+class AffineCoupling(Transform):
+    """Real NVP's affine coupling on a flat vector, optionally conditioned.
+
+    Entries where ``mask`` is True pass through and (with what ``conditioner`` makes of ``y``) set
+    a scale and shift of the others: ``z_b = x_b * exp(s) + t`` with ``s = tanh(.)`` bounded in
+    (-1, 1). The net's last layer starts at zero, so the layer starts as the identity.
 
     References:
         Dinh, Sohl-Dickstein and Bengio, "Density estimation using Real NVP", 2017.
     """
 
-    def __init__(self, mask: Tensor, hidden_layers: int, hidden_units: int, context_dim: int = 0):
+    def __init__(self, mask: Tensor, hidden_layers: int, hidden_units: int, conditioner: Conditioner | None = None):
         super().__init__()
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.dim() != 1 or mask.all() or not mask.any():
             raise ValueError(f"mask must be a 1-D boolean vector with both True and False entries, found {mask.tolist()}")
         self.register_buffer("mask", mask)
-        self.context_dim = context_dim
-        n_cond = int(mask.sum())
-        self.net = mlp(n_cond + context_dim, 2 * (len(mask) - n_cond), hidden_layers, hidden_units)
+        self.conditioner = conditioner
+        n_cond = int(mask.sum()) + (conditioner.features if conditioner else 0)
+        self.net = mlp(n_cond, 2 * (len(mask) - int(mask.sum())), hidden_layers, hidden_units)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def _scale_shift(self, x_a: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.context_dim:
-            if y is None or y.shape != (x_a.shape[0], self.context_dim):
-                found = None if y is None else tuple(y.shape)
-                raise ValueError(f"expected a context of shape ({x_a.shape[0]}, {self.context_dim}), found {found}")
-            x_a = torch.cat([x_a, y.to(x_a.dtype)], dim=1)
-        s, t = self.net(x_a).chunk(2, dim=1)
+        s, t = self.net(_conditioned(self.conditioner, x_a, y)).chunk(2, dim=1)
         return torch.tanh(s), t
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -99,163 +156,169 @@ def checkerboard(height: int, width: int, parity: int = 0) -> Tensor:
     return ((rows + cols) % 2 == parity).float().view(1, 1, height, width)
 
 
-class _ImageCoupling(Transform):
-    """What the image couplings share: the checkerboard or channel mask, and the context (an image
-    or a label) that their network sees beside the masked-in part. A subclass builds ``self.net``
-    with the input channels of ``self._in_out(channels)`` plus ``self._context_in``, and as many
-    outputs per transformed channel as its map has parameters."""
+class Checkerboard:
+    """The spatial mask of an image coupling: the pixels where (row + col) % 2 == parity pass
+    through, in every channel. The network sees the image with the others zeroed and the mask
+    itself as one more channel; every channel is transformed."""
 
-    def __init__(self, channels: int, mask: str, parity: int, context_channels: int, num_classes: int):
-        super().__init__()
-        if num_classes < 0 or (num_classes and context_channels):
-            raise ValueError("num_classes must be >= 0 and not given with context_channels; "
-                             f"found {num_classes}, {context_channels}")
-        if mask not in ("checkerboard", "channel"):
-            raise ValueError(f"mask must be 'checkerboard' or 'channel', found {mask!r}")
-        if mask == "channel" and channels % 2:
-            raise ValueError(f"a channel mask needs an even number of channels, found {channels}")
-        self.mask, self.parity, self.context_channels, self.num_classes = mask, parity, context_channels, num_classes
-        self._masks: dict = {}  # checkerboard masks by (H, W, dtype, device): no state, rebuilt on demand
+    def __init__(self, parity: int):
+        self.parity = parity
+        self._masks: dict = {}  # by (H, W, dtype, device, inference mode): no state, rebuilt on demand
 
-    def _in_out(self, channels: int) -> tuple[int, int]:
-        """(input channels of the network without the context, channels transformed)."""
-        if self.mask == "checkerboard":  # +1: the mask itself as input
-            return channels + 1, channels
-        return channels // 2, channels // 2
+    def sizes(self, channels: int) -> tuple[int, int]:
+        """(input channels of the network, channels transformed)."""
+        return channels + 1, channels
 
-    @property
-    def _context_in(self) -> int:
-        return self.context_channels + self.num_classes
-
-    def _with_context(self, x_a: Tensor, y: Tensor | None) -> Tensor:
-        """The network's input: the masked-in part, then the image context or the label maps."""
-        if self.context_channels:
-            if y is None or y.shape[1] != self.context_channels or y.shape[2:] != x_a.shape[2:]:
-                found = None if y is None else tuple(y.shape)
-                raise ValueError(f"expected a context of shape (B, {self.context_channels}, "
-                                 f"{x_a.shape[2]}, {x_a.shape[3]}), found {found}")
-            return torch.cat([x_a, y.to(x_a.dtype)], dim=1)
-        if self.num_classes:
-            return torch.cat([x_a, self._label_maps(y, x_a)], dim=1)
-        return x_a
-
-    def _label_maps(self, y: Tensor | None, x: Tensor) -> Tensor:
-        """Labels (B,) as one-hot maps (B, num_classes, H, W) of ``x``'s size and dtype."""
-        check_labels(y, x.shape[0], self.num_classes)
-        one_hot = F.one_hot(y.long(), self.num_classes).to(x.dtype)  # (B, K)
-        return one_hot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
-
-    def _checkerboard(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The (1, 1, H, W) mask of x's size, dtype and device and its complement, built once (and
-        once more under inference mode, whose tensors autograd may not save)."""
+    def _of(self, x: Tensor) -> Tensor:
+        """The (1, 1, H, W) mask of x's size, dtype and device, built once (and once more under
+        inference mode, whose tensors autograd may not save)."""
         if torch.compiler.is_compiling():  # a traced graph builds its constants itself (no cache: no graph break)
-            m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
-            return m, 1 - m
+            return checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
         key = (x.shape[2], x.shape[3], x.dtype, x.device, torch.is_inference_mode_enabled())
         if key not in self._masks:
-            m = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
-            self._masks[key] = (m, 1 - m)
+            self._masks[key] = checkerboard(x.shape[2], x.shape[3], self.parity).to(x)
         return self._masks[key]
 
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the network's input, the part to transform: all of x, its masked-in pixels put back by `merge`)."""
+        m = self._of(x)
+        return torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1), x
 
-class AffineCoupling2d(_ImageCoupling):
-    """Affine coupling on images with a checkerboard or a channel mask.
+    def merge(self, x: Tensor, out: Tensor, log_det: Tensor) -> tuple[Tensor, Tensor]:
+        """The coupling's output and per-sample log-det: ``out`` and its element-wise ``log_det``
+        on the masked-out pixels, x unchanged (and 0) on the others."""
+        keep = self._of(x).bool()
+        log_det = log_det.to(torch.promote_types(log_det.dtype, x.dtype))  # a bf16 network's log-det summed in x's precision
+        return torch.where(keep, x, out), per_sample_sum(torch.where(keep, 0.0, log_det))
 
-    The masked-in part ``x_a`` passes through and a network of it gives ``(h, t)``; the rest is
-    scaled and shifted. Three forms of the scale:
 
-    * ``scale="tanh"`` (Real NVP): ``x_b * exp(s) + t`` with ``s = a * tanh(h)`` and a learned
-      per-channel factor ``a`` initialised at 0.
-    * ``scale="sigmoid"`` (Glow): ``(x_b + t) * scale`` with ``scale = sigmoid(h + 2)``, which can
-      only contract. As the official Glow code does, it shifts before it scales: that order keeps
-      the inverse exact in float32 when a trained coupling contracts hard (scale ~1e-5 next to
-      shifts ~10), where ``x_b * scale + t`` would round ``x_b * scale`` away against ``t``.
-      ``min_scale`` bounds it below: ``min_scale + (1 - min_scale) * sigmoid(h + 2)``; with 0 (the
-      paper's form) a trained Glow can contract a pixel so hard that the float32 rounding of the
-      layers after it is amplified past 1e-4 by the inverse.
-    * ``scale="bounded"``: ``(x_b + t) * exp(s)`` with ``s = c * tanh(h / c)``, ``c = exp(f)`` a
-      learned per-channel bound (``f`` starts at 0): a soft clamp, so the coupling can expand as
-      well as contract, never by more than ``exp(c)``.
+class ChannelSplit:
+    """The channel mask of an image coupling: one half of the channels (the first for parity 0)
+    passes through and is the network's input; the other half is transformed."""
 
-    The network's last convolution starts at zero, so every form starts as the identity (Glow's
-    as a fixed contraction by sigmoid(2)).
+    def __init__(self, parity: int):
+        self.parity = parity
+
+    def sizes(self, channels: int) -> tuple[int, int]:
+        if channels % 2:
+            raise ValueError(f"a channel mask needs an even number of channels, found {channels}")
+        return channels // 2, channels // 2
+
+    def _halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
+        return (b, a) if self.parity else (a, b)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._halves(x)
+
+    def merge(self, x: Tensor, out: Tensor, log_det: Tensor) -> tuple[Tensor, Tensor]:
+        a = self._halves(x)[0]
+        return torch.cat([out, a] if self.parity else [a, out], 1), per_sample_sum(log_det)
+
+
+Mask = Checkerboard | ChannelSplit
+
+
+class TanhScale(nn.Module):
+    """Real NVP's scale: ``z_b = x_b * exp(s) + t`` with ``s = a * tanh(h)``, ``a`` a learned
+    factor per channel, initialised at 0."""
+
+    shift_first = False
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.factor = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(log scale, scale) from the network's output ``h``."""
+        log_s = self.factor * torch.tanh(h)
+        return log_s, log_s.exp()
+
+
+class SigmoidScale(nn.Module):
+    """Glow's scale: ``z_b = (x_b + t) * scale`` with ``scale = sigmoid(h + 2)``, which can only
+    contract. As the official Glow code does, it shifts before it scales: that order keeps the
+    inverse exact in float32 when a trained coupling contracts hard (scale ~1e-5 next to shifts
+    ~10), where ``x_b * scale + t`` would round ``x_b * scale`` away against ``t``. ``min_scale``
+    bounds it below: ``min_scale + (1 - min_scale) * sigmoid(h + 2)``; with 0 (the paper's form)
+    a trained Glow can contract a pixel so hard that the float32 rounding of the layers after it
+    is amplified past 1e-4 by the inverse."""
+
+    shift_first = True
+
+    def __init__(self, min_scale: float = 0.0):
+        super().__init__()
+        if not 0 <= min_scale < 1:
+            raise ValueError(f"min_scale must be in [0, 1), found {min_scale}")
+        self.min_scale = min_scale
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.min_scale:
+            log_s = F.logsigmoid(h + 2.0)
+            return log_s, log_s.exp()
+        # lerp(min_scale, 1, sigmoid(h + 2)) written out, one multiply-add instead of two constant
+        # tensors and a lerp; and x_b is scaled by it, not by exp(log(scale)).
+        scale = torch.sigmoid(h + 2.0).mul(1.0 - self.min_scale).add_(self.min_scale)
+        return torch.log(scale), scale
+
+
+class BoundedScale(nn.Module):
+    """A soft-clamped scale: ``z_b = (x_b + t) * exp(s)`` with ``s = c * tanh(h / c)``, ``c =
+    exp(f)`` a learned bound per channel (``f`` starts at 0), so the coupling can expand as well
+    as contract, never by more than ``exp(c)``."""
+
+    shift_first = True
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.log_bound = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        bound = self.log_bound.exp()
+        log_s = bound * torch.tanh(h / bound)
+        return log_s, log_s.exp()
+
+
+Scale = TanhScale | SigmoidScale | BoundedScale
+SCALES = ("tanh", "sigmoid", "bounded")
+
+
+class AffineCoupling2d(Transform):
+    """Affine coupling on images: the part of the image that ``mask`` lets through passes
+    unchanged and, through ``net`` (and what ``conditioner`` makes of ``y``), gives ``(h, t)``;
+    ``scale`` turns ``h`` into the scale of the rest, and shifts by ``t`` before or after it.
+
+    The network's last convolution starts at zero, so every scale starts as the identity (Glow's
+    as a fixed contraction by sigmoid(2)). `affine_coupling2d` builds one from names.
 
     Args:
-        channels: Input channels C.
-        mask: "checkerboard" (spatial, all channels) or "channel" (first or second half of C).
-        parity: Which half is masked in (0 or 1); alternate it between layers.
-        hidden: Channels of the network; blocks: its residual (or gated) blocks.
-        net: "resnet" (Real NVP's weight-normed ResNet) or "gated" (`couplings.nn.GatedConvNet`).
-        context_channels: Channels of an image-shaped context ``y`` (B, K, H, W) that the network
-            also sees (e.g. the image a dequantization noise is conditioned on); 0 for none.
-        num_classes: > 0: the context ``y`` is a batch of labels (B,) in 0..num_classes-1, and the
-            network also sees each label as num_classes one-hot channels, constant over the image
-            (a class-conditional coupling); 0 for none. Not together with ``context_channels``.
+        mask: `Checkerboard` or `ChannelSplit`; alternate its parity between layers.
+        net: Maps the network's input channels to 2 per transformed channel (`Mask.sizes`).
+        scale: `TanhScale` (Real NVP), `SigmoidScale` (Glow) or `BoundedScale`.
+        conditioner: `Context` or `OneHotLabels`, or None for an unconditional coupling.
 
     References:
         Dinh et al., Real NVP, 2017; Kingma and Dhariwal, Glow, 2018; Ho et al., Flow++, 2019.
     """
 
-    def __init__(self, channels: int, mask: str, parity: int, hidden: int, blocks: int, scale: str = "tanh",
-                 min_scale: float = 0.0, *, net: str = "resnet", context_channels: int = 0, num_classes: int = 0):
-        super().__init__(channels, mask, parity, context_channels, num_classes)
-        if not 0 <= min_scale < 1 or (min_scale and scale != "sigmoid"):
-            raise ValueError(f"min_scale must be in [0, 1), and only with scale='sigmoid'; found {min_scale}")
-        self.min_scale = min_scale
-        if scale not in ("tanh", "sigmoid", "bounded"):
-            raise ValueError(f"scale must be 'tanh', 'sigmoid' or 'bounded', found {scale!r}")
-        self.scale = scale
-        n_in, n_out = self._in_out(channels)
-        self.net = coupling_net(net, n_in + self._context_in, 2 * n_out, hidden, blocks)
-        # a in a * tanh(h), or f in c = exp(f): one per output channel, starting at 0
-        self.tanh_factor = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "tanh" else None
-        self.log_bound = nn.Parameter(torch.zeros(1, n_out, 1, 1)) if scale == "bounded" else None
-
-    def _scale_shift(self, x_a: Tensor, y: Tensor | None, m_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(log scale, scale, shift) of the masked-out part, from the masked-in part ``x_a`` (and
-        the context ``y``); with a checkerboard's ``m_out`` (1 on the masked-out pixels), log scale
-        and shift are 0 elsewhere."""
-        h, t = self.net(self._with_context(x_a, y)).chunk(2, dim=1)
-        if self.scale == "tanh":
-            log_s, scale = self.tanh_factor * torch.tanh(h), None
-        elif self.scale == "bounded":
-            bound = self.log_bound.exp()
-            log_s, scale = bound * torch.tanh(h / bound), None
-        elif self.min_scale:
-            # lerp(min_scale, 1, sigmoid(h + 2)) written out, one multiply-add instead of two
-            # constant tensors and a lerp; and x_b is scaled by it, not by exp(log(scale)).
-            scale = torch.sigmoid(h + 2.0).mul(1.0 - self.min_scale).add_(self.min_scale)
-            log_s = torch.log(scale)
-        else:
-            log_s, scale = F.logsigmoid(h + 2.0), None
-        if m_out is not None:  # the masked-in pixels are left as they are
-            log_s, t, scale = log_s * m_out, t * m_out, None
-        return log_s, log_s.exp() if scale is None else scale, t
+    def __init__(self, mask: Mask, net: nn.Module, scale: Scale, conditioner: Conditioner | None = None):
+        super().__init__()
+        # The scale before the network: the parameters' order (and so an optimizer state's) is
+        # that of the checkpoints written when the scale's parameters were the coupling's own.
+        self.mask, self.scale, self.net, self.conditioner = mask, scale, net, conditioner
 
     def _couple(self, x: Tensor, y: Tensor | None, direction: int) -> tuple[Tensor, Tensor]:
         """direction +1: x_b -> x_b * scale + t (or (x_b + t) * scale); -1: the inverse. The
         masked-in part is the same before and after, so both directions compute the same (log
         scale, shift)."""
-        if self.mask == "checkerboard":
-            m, m_out = self._checkerboard(x)
-            log_s, scale, t = self._scale_shift(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1), y, m_out)
-            return self._affine(x, scale, t, direction), self._log_det(log_s, direction)
-        a, b = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
-        if self.parity:
-            a, b = b, a
-        log_s, scale, t = self._scale_shift(a, y)
-        b = self._affine(b, scale, t, direction)
-        return torch.cat([b, a] if self.parity else [a, b], 1), self._log_det(log_s, direction)
-
-    @staticmethod
-    def _log_det(log_s: Tensor, direction: int) -> Tensor:
-        ld = per_sample_sum(log_s)
-        return ld if direction > 0 else -ld
-
-    def _affine(self, x: Tensor, scale: Tensor, t: Tensor, direction: int) -> Tensor:
-        if self.scale != "tanh":  # Glow's order: shift, then scale
-            return (x + t) * scale if direction > 0 else x / scale - t
-        return torch.addcmul(t, x, scale) if direction > 0 else (x - t) / scale
+        net_in, x_b = self.mask.split(x)
+        h, t = self.net(_conditioned(self.conditioner, net_in, y)).chunk(2, dim=1)
+        log_s, scale = self.scale(h)
+        if self.scale.shift_first:  # Glow's order
+            out = (x_b + t) * scale if direction > 0 else x_b / scale - t
+        else:
+            out = torch.addcmul(t, x_b, scale) if direction > 0 else (x_b - t) / scale
+        return self.mask.merge(x, out, log_s if direction > 0 else -log_s)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, y, +1)
@@ -264,7 +327,44 @@ class AffineCoupling2d(_ImageCoupling):
         return self._couple(z, y, -1)
 
 
-class MixtureCoupling2d(_ImageCoupling):
+def _mask_and_conditioner(mask: str, parity: int, context_channels: int, num_classes: int):
+    if mask not in ("checkerboard", "channel"):
+        raise ValueError(f"mask must be 'checkerboard' or 'channel', found {mask!r}")
+    if num_classes < 0 or (num_classes and context_channels):
+        raise ValueError("num_classes must be >= 0 and not given with context_channels; "
+                         f"found {num_classes}, {context_channels}")
+    conditioner = Context(context_channels) if context_channels else OneHotLabels(num_classes) if num_classes else None
+    return (Checkerboard(parity) if mask == "checkerboard" else ChannelSplit(parity)), conditioner
+
+
+def affine_coupling2d(channels: int, mask: str, parity: int, hidden: int, blocks: int, scale: str = "tanh",
+                      min_scale: float = 0.0, *, net: str = "resnet", context_channels: int = 0,
+                      num_classes: int = 0) -> AffineCoupling2d:
+    """An `AffineCoupling2d` from the names the model configurations use.
+
+    Args:
+        channels: Input channels C.
+        mask: "checkerboard" (`Checkerboard`) or "channel" (`ChannelSplit`); parity: 0 or 1.
+        hidden: Channels of the network; blocks: its residual (or gated) blocks.
+        scale: "tanh" (`TanhScale`), "sigmoid" (`SigmoidScale`, with ``min_scale``) or "bounded"
+            (`BoundedScale`).
+        net: "resnet" (Real NVP's weight-normed ResNet) or "gated" (`couplings.nn.GatedConvNet`).
+        context_channels: > 0: condition on an image-shaped ``y`` of so many channels (`Context`).
+        num_classes: > 0: condition on labels ``y`` (`OneHotLabels`). Not with ``context_channels``.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be 'tanh', 'sigmoid' or 'bounded', found {scale!r}")
+    if min_scale and scale != "sigmoid":
+        raise ValueError(f"min_scale must be in [0, 1), and only with scale='sigmoid'; found {min_scale}")
+    masking, conditioner = _mask_and_conditioner(mask, parity, context_channels, num_classes)
+    n_in, n_out = masking.sizes(channels)
+    scaling = {"tanh": lambda: TanhScale(n_out), "sigmoid": lambda: SigmoidScale(min_scale),
+               "bounded": lambda: BoundedScale(n_out)}[scale]()
+    network = coupling_net(net, n_in + (conditioner.features if conditioner else 0), 2 * n_out, hidden, blocks)
+    return AffineCoupling2d(masking, network, scaling, conditioner)
+
+
+class MixtureCoupling2d(Transform):
     """Flow++'s logistic-mixture CDF coupling on images, with a checkerboard or a channel mask.
 
     The masked-in part ``x_a`` passes through; a network of it gives, for every element of the
@@ -281,7 +381,8 @@ class MixtureCoupling2d(_ImageCoupling):
     ``log pi_k + logsigmoid(+-u_k)``, ``u_k = (x - mu_k) / s_k``), so nothing saturates in
     float32 in the tails, and ``logit(F) = log F - log(1 - F)``.
 
-    The network's last convolution starts at zero: equal weights, ``mu = 0``, ``s = 1``, ``a = b =
+    The parts are those of `AffineCoupling2d`, with the bound of ``a`` as ``scale``
+    (`mixture_coupling2d` builds one from names). The network's last convolution starts at zero: equal weights, ``mu = 0``, ``s = 1``, ``a = b =
     0``, so ``F`` is the logistic sigmoid and the layer starts as the identity.
 
     The inverse has no closed form: ``logit(F(x)) = (z_b - b) exp(-a)`` is solved per element by
@@ -290,15 +391,11 @@ class MixtureCoupling2d(_ImageCoupling):
     the forward pass (training, scoring) is a single evaluation.
 
     Args:
-        channels: Input channels C.
-        mask: "checkerboard" (spatial, all channels) or "channel" (first or second half of C).
-        parity: Which half is masked in (0 or 1); alternate it between layers.
-        hidden: Channels of the network; blocks: its residual (or gated) blocks.
-        mixtures: K, the logistics in the mixture; the network has ``3K + 2`` output channels per
-            transformed channel.
-        net: "resnet" or "gated", as for `AffineCoupling2d`.
-        context_channels: Channels of an image-shaped context ``y``, as for `AffineCoupling2d`.
-        num_classes: > 0: the context ``y`` is a batch of labels, as for `AffineCoupling2d`.
+        mask: `Checkerboard` or `ChannelSplit`.
+        net: Maps the network's input channels to ``3K + 2`` per transformed channel.
+        scale: The `BoundedScale` of ``a``, one bound per transformed channel.
+        mixtures: K, the logistics in the mixture.
+        conditioner: `Context` or `OneHotLabels`, or None.
 
     References:
         Ho, Chen, Srinivas, Duan and Abbeel, "Flow++: Improving Flow-Based Generative Models with
@@ -307,24 +404,21 @@ class MixtureCoupling2d(_ImageCoupling):
 
     MIN_LOG_SCALE = -7.0  # the logistics' log-scales are clamped here: s >= 1e-3, so u = (x - mu) / s stays finite
 
-    def __init__(self, channels: int, mask: str, parity: int, hidden: int, blocks: int, mixtures: int = 8, *,
-                 net: str = "resnet", context_channels: int = 0, num_classes: int = 0):
-        super().__init__(channels, mask, parity, context_channels, num_classes)
+    def __init__(self, mask: Mask, net: nn.Module, scale: BoundedScale, mixtures: int,
+                 conditioner: Conditioner | None = None):
+        super().__init__()
         if mixtures < 1:
             raise ValueError(f"mixtures must be >= 1, found {mixtures}")
-        self.mixtures = mixtures
-        n_in, n_out = self._in_out(channels)
-        self.net = coupling_net(net, n_in + self._context_in, (3 * mixtures + 2) * n_out, hidden, blocks)
-        self.log_bound = nn.Parameter(torch.zeros(1, n_out, 1, 1))  # f in the bound c = exp(f) of a
+        # The scale before the network, as in `AffineCoupling2d`.
+        self.mask, self.scale, self.net, self.conditioner, self.mixtures = mask, scale, net, conditioner, mixtures
 
     def _mixture_params(self, x_a: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
-        """(a, b, log pi, mu, log s) from the masked-in part: a and b (B, C', H, W), the others
+        """(a, b, log pi, mu, log s) from the network's input: a and b (B, C', H, W), the others
         (B, K, C', H, W), in at least float32 (and in x's dtype) even when the network ran in bf16."""
-        h = self.net(self._with_context(x_a, y))
+        h = self.net(_conditioned(self.conditioner, x_a, y))
         h = h.to(torch.promote_types(h.dtype, x_a.dtype)).unflatten(1, (3 * self.mixtures + 2, -1))
         k = self.mixtures
-        bound = self.log_bound.exp()
-        a = bound * torch.tanh(h[:, 0] / bound)
+        a = self.scale(h[:, 0])[0]
         log_pi = torch.log_softmax(h[:, 2 : 2 + k], dim=1)
         log_s = h[:, 2 + 2 * k :].clamp(min=self.MIN_LOG_SCALE)
         return a, h[:, 1], log_pi, h[:, 2 + k : 2 + 2 * k], log_s
@@ -396,21 +490,24 @@ class MixtureCoupling2d(_ImageCoupling):
     def _couple(self, x: Tensor, y: Tensor | None, direction: int) -> tuple[Tensor, Tensor]:
         """direction +1: the forward map of the masked-out part; -1: its inverse. The masked-in part
         is the same before and after, so both directions see the same parameters."""
-        step = self._forward_b if direction > 0 else self._inverse_b
-        if self.mask == "checkerboard":
-            m, _ = self._checkerboard(x)
-            params = self._mixture_params(torch.cat([x * m, m.expand(x.shape[0], 1, -1, -1)], 1), y)
-            out, ld = step(x, params)  # every pixel, then the masked-in ones are put back
-            keep = m.bool()
-            return torch.where(keep, x, out), per_sample_sum(torch.where(keep, 0.0, ld))
-        x_a, x_b = x.chunk(2, dim=1)  # (B, C, H, W) -> 2 x (B, C/2, H, W)
-        if self.parity:
-            x_a, x_b = x_b, x_a
-        x_b, ld = step(x_b, self._mixture_params(x_a, y))
-        return torch.cat([x_b, x_a] if self.parity else [x_a, x_b], 1), per_sample_sum(ld)
+        net_in, x_b = self.mask.split(x)
+        out, log_det = (self._forward_b if direction > 0 else self._inverse_b)(x_b, self._mixture_params(net_in, y))
+        return self.mask.merge(x, out, log_det)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, y, +1)
 
     def inverse(self, z: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(z, y, -1)
+
+
+def mixture_coupling2d(channels: int, mask: str, parity: int, hidden: int, blocks: int, mixtures: int = 8, *,
+                       net: str = "resnet", context_channels: int = 0, num_classes: int = 0) -> MixtureCoupling2d:
+    """A `MixtureCoupling2d` of ``mixtures`` logistics from names, as `affine_coupling2d`."""
+    if mixtures < 1:
+        raise ValueError(f"mixtures must be >= 1, found {mixtures}")
+    masking, conditioner = _mask_and_conditioner(mask, parity, context_channels, num_classes)
+    n_in, n_out = masking.sizes(channels)
+    network = coupling_net(net, n_in + (conditioner.features if conditioner else 0), (3 * mixtures + 2) * n_out,
+                           hidden, blocks)
+    return MixtureCoupling2d(masking, network, BoundedScale(n_out), mixtures, conditioner)
