@@ -46,7 +46,7 @@ BEST, LAST, PREVIOUS = "best.pt", "last.pt", "previous.pt"
 # 2: every RNG state ("rng") and the position inside an interrupted epoch ("pass").
 # 3: a header line with the SHA-256 and length of the torch archive after it, checked before
 #    unpickling (files of formats 1 and 2, such as older pretrained models, still load).
-# 4: an image coupling's scale parameters are its scale function's (`couplings.transforms.coupling`):
+# 4: an image coupling's scale parameters are its scale function's (`couplings.transforms.coupling_parts`):
 #    "scale.factor" and "scale.log_bound" for format 3's "tanh_factor" and "log_bound"; older
 #    weights are renamed as they are read.
 FORMAT_VERSION = 4

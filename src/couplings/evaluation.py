@@ -143,48 +143,67 @@ def evaluate_checkpoint(
         dataset_sha256=fingerprint(dataset) if is_path_dataset(dataset) else None,
     )
     if model.has_pixel_density:
-        given = labels if model.conditional else None
-        lp = log_probs(model, images, batch_size=batch_size, seed=seed, importance_samples=importance_samples,
-                       labels=given, progress=progress)
-        dim = math.prod(images.shape[1:])
-        kind = "variational" if model.dequantizer is not None else "uniform"
-        estimate = (f"importance-weighted, {importance_samples} draws of {kind} dequantization"
-                    if importance_samples > 1 else f"bound, one draw of {kind} dequantization")
-        result.dimensions, result.estimate, result.importance_samples, result.dequantization_seed = (
-            dim, estimate, importance_samples, seed)
-        result.log_likelihood_nats = float(lp.mean())
-        result.bits_per_dim = nats_to_bits_per_dim(result.log_likelihood_nats, dim)
-        result.reconstruction_max_abs_error = reconstruction_error(model, images, labels=given, batch_size=batch_size,
-                                                                   seed=seed)
-        published = MODELS[state.model].published
-        if published and dataset == "mnist":
-            result.published_bits_per_dim = published.bits_per_dim(dim)
-            result.published_source = (published.source if published.unit == "bits/dim"
-                                       else f"{published.source}: {published.value:g} {published.unit}")
+        _score_pixel_density(result, model, images, labels, batch_size=batch_size, seed=seed,
+                             importance_samples=importance_samples, progress=progress)
     else:
-        pixels = torch.as_tensor(with_channels(images)).float().div(255).to(device)  # (N, C, H, W)
-        y = torch.as_tensor(labels).long().to(device)
-        with torch.inference_mode():
-            nll = torch.cat([-model.log_prob(pixels[i : i + batch_size], y[i : i + batch_size]).double().cpu()
-                             for i in range(0, len(pixels), batch_size)])
-        result.bits_per_dim_note, result.latent_nll_nats = NO_PIXEL_BPD, float(nll.mean())
-        result.latent_dimensions = model.config.embedding_dim
-    if samples > 0 and is_path_dataset(dataset):
-        result.sample_quality = {"skipped": "FID, KID, precision and recall use the features of a classifier of "
-                                               f"MNIST or Fashion-MNIST images; there is none for {dataset}"}
-    elif samples > 0:
-        try:
-            classifier = load_classifier(dataset, device)
-        except FileNotFoundError as e:
-            result.sample_quality = {"skipped": str(e)}
-        else:
-            sample_started = time.perf_counter()
-            drawn, drawn_labels = draw_samples(model, samples, temperature=temperature, seed=seed, batch_size=batch_size)
-            sampling_seconds = time.perf_counter() - sample_started
-            train_images, _ = load_split(dataset, "train", val_size)
-            quality = metrics.sample_quality(classifier.cpu(), drawn, images, train_images, dataset=dataset,
-                                             sample_labels=drawn_labels)
-            result.sample_quality = {**quality, "temperature": temperature, "sampling_seconds": sampling_seconds}
+        _score_latent_density(result, model, images, labels, batch_size=batch_size, device=device)
+    if samples > 0:
+        result.sample_quality = _sample_quality(model, dataset, images, val_size, samples=samples,
+                                                temperature=temperature, seed=seed, batch_size=batch_size, device=device)
     result.seconds = time.perf_counter() - started
     result.hardware = describe(torch.device(device))
     return result
+
+
+def _score_pixel_density(result: Evaluation, model, images, labels, *, batch_size: int, seed: int,
+                         importance_samples: int, progress: bool) -> None:
+    """Bits/dim and nats (the one-draw bound, or the importance-weighted estimate over K draws),
+    the reconstruction error and the model's published figure on MNIST, into ``result``."""
+    given = labels if model.conditional else None
+    lp = log_probs(model, images, batch_size=batch_size, seed=seed, importance_samples=importance_samples,
+                   labels=given, progress=progress)
+    dim = math.prod(images.shape[1:])
+    kind = "variational" if model.dequantizer is not None else "uniform"
+    result.estimate = (f"importance-weighted, {importance_samples} draws of {kind} dequantization"
+                       if importance_samples > 1 else f"bound, one draw of {kind} dequantization")
+    result.dimensions, result.importance_samples, result.dequantization_seed = dim, importance_samples, seed
+    result.log_likelihood_nats = float(lp.mean())
+    result.bits_per_dim = nats_to_bits_per_dim(result.log_likelihood_nats, dim)
+    result.reconstruction_max_abs_error = reconstruction_error(model, images, labels=given, batch_size=batch_size,
+                                                               seed=seed)
+    published = MODELS[result.model].published
+    if published and result.dataset == "mnist":
+        result.published_bits_per_dim = published.bits_per_dim(dim)
+        result.published_source = (published.source if published.unit == "bits/dim"
+                                   else f"{published.source}: {published.value:g} {published.unit}")
+
+
+def _score_latent_density(result: Evaluation, model, images, labels, *, batch_size: int, device) -> None:
+    """A latent model's negative log-likelihood of its embeddings (no pixel bits/dim), into ``result``."""
+    pixels = torch.as_tensor(with_channels(images)).float().div(255).to(device)  # (N, C, H, W)
+    y = torch.as_tensor(labels).long().to(device)
+    with torch.inference_mode():
+        nll = torch.cat([-model.log_prob(pixels[i : i + batch_size], y[i : i + batch_size]).double().cpu()
+                         for i in range(0, len(pixels), batch_size)])
+    result.bits_per_dim_note, result.latent_nll_nats = NO_PIXEL_BPD, float(nll.mean())
+    result.latent_dimensions = model.config.embedding_dim
+
+
+def _sample_quality(model, dataset: str, images, val_size: int, *, samples: int, temperature: float, seed: int,
+                    batch_size: int, device) -> dict[str, Any]:
+    """`couplings.metrics.sample_quality` of ``samples`` samples against ``images`` with the
+    temperature and the sampling time, or ``{"skipped": why}`` where no classifier fits the dataset."""
+    if is_path_dataset(dataset):
+        return {"skipped": "FID, KID, precision and recall use the features of a classifier of "
+                           f"MNIST or Fashion-MNIST images; there is none for {dataset}"}
+    try:
+        classifier = load_classifier(dataset, device)
+    except FileNotFoundError as e:
+        return {"skipped": str(e)}
+    started = time.perf_counter()
+    drawn, drawn_labels = draw_samples(model, samples, temperature=temperature, seed=seed, batch_size=batch_size)
+    sampling_seconds = time.perf_counter() - started
+    train_images, _ = load_split(dataset, "train", val_size)
+    quality = metrics.sample_quality(classifier.cpu(), drawn, images, train_images, dataset=dataset,
+                                     sample_labels=drawn_labels)
+    return {**quality, "temperature": temperature, "sampling_seconds": sampling_seconds}

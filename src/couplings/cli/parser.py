@@ -138,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"couplings {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_train, _add_config, _add_eval_and_export, _add_sample_and_interpolate, _add_compare_and_data):
+        add(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     t = commands.add_parser("train", help="train a model into a run directory",
                             description="Train a model into a run directory. Options not given keep the model's "
                                         "recipe; 'couplings config MODEL' prints every option and its value.")
@@ -156,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tensorboard", action="store_true",
                    help="also log to RUN/tensorboard/ (needs: pip install 'couplings[tensorboard]')")
 
+
+def _add_config(commands) -> None:
     c = commands.add_parser("config", help="print every option of a model and its training, as --set lines")
     c.add_argument("model", choices=sorted(MODELS))
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="as for train, e.g. size=small or hidden_units=64")
 
+
+def _add_eval_and_export(commands) -> None:
     e = commands.add_parser("eval", help="test bits/dim of a run or checkpoint; writes eval.json")
     _add_model_source(e)
     e.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the dataset the run trained on")
@@ -183,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--out", type=Path, required=True)
     x.add_argument("--half", action="store_true", help="pt only: store float tensors in float16")
 
+
+def _add_sample_and_interpolate(commands) -> None:
     s = commands.add_parser("sample", help="draw samples from a run or checkpoint into a PNG grid")
     _add_model_source(s)
     s.add_argument("-n", type=_positive_int, help="number of samples (default 64); per row for conditional models (default 10)")
@@ -203,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=_config_value("seed"), default=0, help="picks the test images and their dequantization")
     i.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+
+def _add_compare_and_data(commands) -> None:
     c = commands.add_parser("compare", help="evaluate runs side by side; write report.md, report.html and figures")
     c.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="a run directory, or pretrained:NAME for a shipped model (evaluated like a run)")
@@ -225,6 +238,5 @@ def build_parser() -> argparse.ArgumentParser:
     f = d_commands.add_parser("fetch", help="download a dataset into the cache and print where it is")
     f.add_argument("name", nargs="?", default="mnist", choices=sorted(data.DATASETS))
     f.add_argument("--root", type=Path, help="data directory (default: $COUPLINGS_DATA or ~/.cache/couplings)")
-    return parser
 
 

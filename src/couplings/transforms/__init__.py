@@ -1,30 +1,27 @@
 """Invertible layers, each following the `Transform` contract of `couplings.transforms.base`.
 
-One file per kind of layer: ``coupling`` (additive, affine and logistic-mixture couplings),
-``normalization`` (batch norm as a flow, ActNorm), ``linear`` (diagonal scaling, permutations,
-1x1 convolution), ``elementwise`` (logit, shift), ``reshape`` (squeeze) and ``multiscale`` (split
-priors).
+One file per kind of layer: ``coupling`` (additive and affine couplings), ``mixture`` (the
+logistic-mixture coupling), ``coupling_parts`` (the masks, scale functions and conditioners that
+image couplings are composed of), ``normalization`` (batch norm as a flow, ActNorm), ``linear``
+(diagonal scaling, permutations, 1x1 convolution), ``elementwise`` (logit, shift), ``reshape``
+(squeeze) and ``multiscale`` (split priors).
 """
 
 from couplings.transforms.base import Composite, Inverse, Transform
-from couplings.transforms.coupling import (
-    AdditiveCoupling,
-    AffineCoupling,
-    AffineCoupling2d,
+from couplings.transforms.coupling import AdditiveCoupling, AffineCoupling, AffineCoupling2d, affine_coupling2d
+from couplings.transforms.coupling_parts import (
     BoundedScale,
     ChannelSplit,
     Checkerboard,
     Context,
-    MixtureCoupling2d,
     OneHotLabels,
     SigmoidScale,
     TanhScale,
-    affine_coupling2d,
     checkerboard,
-    mixture_coupling2d,
 )
 from couplings.transforms.elementwise import Logit, Shift
 from couplings.transforms.linear import DiagonalScaling, InvConv1x1, Permutation
+from couplings.transforms.mixture import MixtureCoupling2d, mixture_coupling2d
 from couplings.transforms.multiscale import ClassConditionalPrior, LearnedSplitPrior
 from couplings.transforms.normalization import ActNorm, BatchNormFlow
 from couplings.transforms.reshape import Squeeze
