@@ -220,4 +220,6 @@ def test_a_run_with_precision_auto_records_the_probe_and_trains_in_its_choice(tm
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["precision"] == config["precision_probe"]["chosen"] in ("fp32", "bf16")
     assert main(["train", "realnvp", "--resume", "--max-steps", "3", *common]) == 0  # the choice is kept, not re-probed
-    assert json.loads((run / "config.json").read_text())["train"]["precision"] == config["train"]["precision"]
+    resumed = json.loads((run / "config.json").read_text())
+    assert resumed["train"]["precision"] == config["train"]["precision"]
+    assert resumed["precision_probe"] == config["precision_probe"]  # the record of the choice survives the rewrite

@@ -364,6 +364,16 @@ def _last_good(run_dir: RunDir) -> str:
             else "no checkpoint had been written yet")
 
 
+def _earlier_probe(run_dir: RunDir) -> dict:
+    """The ``precision_probe`` record of a resumed run's ``config.json`` (empty if it has none), so
+    that rewriting the file on resume keeps how the run's precision was chosen."""
+    try:
+        earlier = run_dir.read_config()
+    except (OSError, ValueError):
+        return {}
+    return {"precision_probe": earlier["precision_probe"]} if "precision_probe" in earlier else {}
+
+
 def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: bool) -> None:
     cfg, state, run_dir, model = plan.cfg, plan.state, plan.run_dir, plan.model_object
     model.to(device).train()
@@ -378,7 +388,7 @@ def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: boo
     else:
         run_dir.create()
     processes = distributed.world_size()
-    probe = {}
+    probe = _earlier_probe(run_dir) if state is not None else {}
     if state is None and getattr(cfg, "precision", None) == "auto":
         pixels = torch.as_tensor(data.with_channels(plan.train_data[0][:cfg.batch_size]))
         labels = torch.as_tensor(plan.train_data[1][:cfg.batch_size]).long() if model.conditional else None
