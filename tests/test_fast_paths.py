@@ -204,6 +204,18 @@ def test_the_precision_probe_times_both_on_a_copy_and_chooses_by_its_rule(monkey
         assert pixel.probe_precision(model, TrainConfig(batch_size=4), torch.device("cpu"), pixels)["chosen"] == chosen
 
 
+def test_the_precision_probe_keeps_float32_for_the_mixture_couplings_bf16_harms(monkeypatch):
+    from couplings.training import pixel
+
+    torch.manual_seed(0)
+    pixels, _ = _batch()
+    mixture = Glow(steps=2, hidden=4, blocks=1, coupling="mixture", mixtures=2)
+    monkeypatch.setattr(pixel.time, "perf_counter", lambda: pytest.fail("a model bf16 harms is not timed"))
+    probe = pixel.probe_precision(mixture, TrainConfig(precision="auto", batch_size=4), torch.device("cpu"), pixels)
+    assert probe["chosen"] == "fp32" and "mixture" in probe["bf16_harm"]
+    assert pixel.bf16_harm(MODELS["glow"]()) is None  # the affine couplings are timed as before
+
+
 def test_a_run_with_precision_auto_records_the_probe_and_trains_in_its_choice(tmp_path, monkeypatch):
     import json
 

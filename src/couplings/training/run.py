@@ -396,8 +396,9 @@ def _train(plan: RunPlan, device: torch.device, progress: bool, tensorboard: boo
         cfg.precision = probe["precision_probe"]["chosen"]  # config.json and a resume keep the choice
         if run_dir.writer:
             rates = probe["precision_probe"]
-            print(f"precision=auto: {rates['fp32_images_per_s']:.1f} images/s in float32, {rates['bf16_images_per_s']:.1f} in bf16 "
-                  f"on this machine; training in {cfg.precision}", file=sys.stderr)
+            why = (rates["bf16_harm"] if "bf16_harm" in rates else
+                   f"{rates['fp32_images_per_s']:.1f} images/s in float32, {rates['bf16_images_per_s']:.1f} in bf16 on this machine")
+            print(f"precision=auto: {why}; training in {cfg.precision}", file=sys.stderr)
     run = {**plan.record(), **probe, "hardware": describe(device) + (f", {processes} processes (torchrun)" if processes > 1 else "")}
     run_dir.write_config(run)
     console = Console(progress)
