@@ -145,7 +145,7 @@ def discriminative_loss(model, pixels: torch.Tensor, noise: torch.Tensor, y: tor
 def bf16_harm(model) -> str | None:
     """Why bf16 autocast is known to make ``model`` learn worse, or None."""
     if any(isinstance(m, MixtureCoupling2d) for m in model.modules()):
-        return "logistic-mixture couplings learn worse in bf16 (their CDF and its log-density need float32's precision)"
+        return "logistic-mixture couplings, measured to learn worse in bf16 (docs/results.md)"
     return None
 
 
