@@ -117,7 +117,8 @@ def test_pretrained_models_are_found_from_an_installed_wheel(tmp_path):
     env.pop("COUPLINGS_PRETRAINED", None)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.split()
-    assert Path(out[0]).is_relative_to(target) and out[1] == "Glow" and float(out[2]) == pytest.approx(1.0835, abs=1e-4)
+    shipped = checkpoint.load(root / "src/couplings/pretrained/glow-cond-mnist.pt").provenance["test_bits_per_dim"]
+    assert Path(out[0]).is_relative_to(target) and out[1] == "Glow" and float(out[2]) == pytest.approx(shipped, abs=1e-12)
 
 
 # --- The schema ---------------------------------------------------------------------------------

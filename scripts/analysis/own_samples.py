@@ -2,8 +2,12 @@
 p(c | x) on 500 test images, and on 500 of its samples at T = 1.0 (50 per digit) whether it names
 the asked-for digit where the project's classifier reads another. Output: own-samples.txt.
 
-    OMP_NUM_THREADS=2 python scripts/analysis/own_samples.py
+    OMP_NUM_THREADS=2 python scripts/analysis/own_samples.py long.pt
+
+The long run's weights were the pretrained glow-cond-mnist until 2026-12-07 (now its fine-tune):
+`git show d2e2d30:src/couplings/pretrained/glow-cond-mnist.pt > long.pt`.
 """
+import sys
 import time
 
 import torch
@@ -13,7 +17,7 @@ from couplings.classifier import load_classifier
 from couplings.metrics import as_float_images
 
 torch.manual_seed(0)
-model, _ = checkpoint.load_model(checkpoint.pretrained_path("glow-cond-mnist")); model.eval()  # the long run's weights
+model, _ = checkpoint.load_model(sys.argv[1]); model.eval()  # the long run's weights
 clf = load_classifier("mnist")
 x, y = data.load("mnist", "test")
 x = torch.as_tensor(x[:500]).float().unsqueeze(1); y = torch.as_tensor(y[:500]).long()

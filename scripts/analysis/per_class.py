@@ -1,15 +1,20 @@
 """Conditional accuracy of the long class-conditional Glow, per class and per temperature: 1,000
 samples per digit, classified by the project's MNIST classifier.
 
-    OMP_NUM_THREADS=1 python scripts/analysis/per_class.py > results/long-glow-cond-fast/per-class.txt
+    OMP_NUM_THREADS=1 python scripts/analysis/per_class.py long.pt > results/long-glow-cond-fast/per-class.txt
+
+The long run's weights were the pretrained glow-cond-mnist until 2026-12-07 (now its fine-tune):
+`git show d2e2d30:src/couplings/pretrained/glow-cond-mnist.pt > long.pt`.
 """
+import sys
+
 import torch
 
 from couplings import checkpoint
 from couplings.classifier import load_classifier
 from couplings.metrics import as_float_images
 
-model, _ = checkpoint.load_model(checkpoint.pretrained_path("glow-cond-mnist"))  # the long run's weights
+model, _ = checkpoint.load_model(sys.argv[1])  # the long run's weights
 classifier = load_classifier("mnist")
 labels = torch.arange(10).repeat_interleave(1000)  # 1,000 of each digit
 print("temperature  accuracy  per digit 0-9; most frequent wrong answer per digit")
