@@ -239,7 +239,7 @@ def run_tables() -> list[tuple[Path, list[list[str]]]]:
 
 
 def test_the_run_tables_are_found():
-    assert len(run_tables()) == 7
+    assert len(run_tables()) == 8
 
 
 @pytest.mark.parametrize("path, table", run_tables(), ids=lambda x: "" if isinstance(x, Path) else x[0][0].split(" (")[0])
