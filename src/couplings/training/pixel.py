@@ -21,7 +21,7 @@ from couplings.training.loop import Context, Stage, TrainState, run_stage
 from couplings.training.optim import EMA, make_adam
 from couplings.transforms.mixture import MixtureCoupling2d
 
-__all__ = ["discriminative_loss", "fit", "pixel_objective", "pixel_stage", "bf16_harm", "probe_precision", "training_nll", "training_terms"]
+__all__ = ["bf16_harm", "discriminative_loss", "fit", "pixel_objective", "pixel_stage", "probe_precision", "training_nll", "training_terms"]
 
 # precision=auto takes bf16 only where it is at least this much faster than float32.
 BF16_MIN_SPEEDUP = 1.1
