@@ -44,6 +44,23 @@ def main(path: str) -> None:
              "float64 forward, float32 inverse": round_trip(model, x, model64.transform(x.double())[0])}
     for name, e in mixed.items():
         print(f"{name}: {int((e > 1e-4).sum())} of 1000 above 1e-4; max {float(e.max()):.3g}")
+    per_layer(model, xs[worst])
+
+
+def per_layer(model, x: torch.Tensor) -> None:
+    """Each mixture coupling alone, on the inputs it sees for ``x``: its float32 round trip."""
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, args) and None)
+             for name, m in model.named_modules() if type(m).__name__ == "MixtureCoupling2d"]
+    model.transform(x)
+    for h in hooks:
+        h.remove()
+    modules = dict(model.named_modules())
+    for name, args in inputs.items():
+        layer, x_in = modules[name], args[0]
+        z = layer(*args)[0]
+        error = float((layer.inverse(z, *args[1:])[0] - x_in).abs().max())
+        print(f"{name}: max |x| {float(x_in.abs().max()):.3g}, round trip alone {error:.3g}")
 
 
 if __name__ == "__main__":
