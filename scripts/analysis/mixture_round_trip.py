@@ -7,6 +7,7 @@ dequantization, seed 0, as `couplings eval` checks it), the worst eight and thei
 trip, then, on the first 1,000 images, the float32 forward with a float64 inverse and the float64
 forward (rounded to float32) with a float32 inverse: if both fail too, the map itself is
 ill-conditioned (a float32 rounding of z moves x by more than 1e-4), not the inverse's search.
+Last, each mixture coupling alone on the inputs it sees for the worst eight: which layers miss.
 """
 from __future__ import annotations
 
